@@ -1,0 +1,7 @@
+"""Adapters: one per architecture, found from the model's ``config.model_type``."""
+
+from lvlm_steer.adapters import gemma, idefics3, internvl, llava, mistral3, qwen_vl  # noqa: F401  (register)
+from lvlm_steer.adapters.base import Adapter, ImageTile
+from lvlm_steer.adapters.registry import adapter_for, register_adapter, supported_architectures
+
+__all__ = ["Adapter", "ImageTile", "adapter_for", "register_adapter", "supported_architectures"]

@@ -1,0 +1,113 @@
+"""`lvlm-steer bench overhead`: what wrapping costs, on the benchmark model.
+
+Conditions: the unwrapped model, ``steer()`` with no method, and ``AblateHeads`` on 10 heads. Each run is one
+greedy ``generate`` of exactly ``new_tokens`` tokens; a forward timer splits it into prefill (the first
+forward) and decode. Conditions are interleaved round-robin so that drift in machine speed hits all alike,
+after one untimed warm-up each; medians over ``runs``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+import transformers
+
+import lvlm_steer as ls
+from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
+from lvlm_steer.bench.timing import ForwardTimer, median, peak_rss_mib
+
+
+def spread_heads(num_layers: int, num_heads: int, count: int = 10) -> dict[int, list[int]]:
+    """``count`` distinct heads on up to 5 layers spread evenly over the depth (round-robin over the layers)."""
+    n_layers = min(5, num_layers)
+    layers = [round(i * (num_layers - 1) / max(1, n_layers - 1)) for i in range(n_layers)]
+    count = min(count, num_layers * num_heads)
+    heads: dict[int, list[int]] = {layer: [] for layer in layers}
+    k = 0
+    while sum(map(len, heads.values())) < count:
+        layer = layers[k % n_layers]
+        head = (3 * (k // n_layers) + layer) % num_heads
+        while head in heads[layer]:
+            head = (head + 1) % num_heads
+        heads[layer].append(head)
+        k += 1
+    return {layer: sorted(hs) for layer, hs in heads.items()}
+
+
+def _one_run(model, inputs: dict[str, Any], new_tokens: int) -> dict[str, float]:
+    with ForwardTimer(model) as timer, torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    generated = out.shape[1] - inputs["input_ids"].shape[1]
+    decode = timer.durations[1:]
+    return {
+        "prefill_s": timer.durations[0],
+        "decode_tokens_per_s": len(decode) / sum(decode) if decode else float("nan"),
+        "generate_tokens_per_s": generated * out.shape[0] / total,
+        "generate_s": total,
+    }
+
+
+def run_overhead(variant: str = "full", runs: int = 3, new_tokens: int = 32, progress=print) -> dict[str, Any]:
+    model, processor, description = benchmark_model(variant)
+    inputs = benchmark_inputs(processor)
+    info = ls.adapter_for(model).info
+    heads = spread_heads(info.num_layers, info.num_heads)
+    conditions: dict[str, list[ls.Method] | None] = {
+        "unwrapped": None,
+        "steer_no_method": [],
+        "ablate_10_heads": [ls.AblateHeads(heads)],
+    }
+
+    def run(name: str) -> dict[str, float]:
+        methods = conditions[name]
+        if methods is None:
+            return _one_run(model, inputs, new_tokens)
+        with ls.steer(model, *methods, processor=processor):
+            return _one_run(model, inputs, new_tokens)
+
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in conditions}
+    for name in conditions:
+        progress(f"warm-up: {name}")
+        run(name)
+    for i in range(runs):
+        for name in conditions:
+            r = run(name)
+            results[name].append(r)
+            progress(
+                f"run {i + 1}/{runs} {name}: prefill {r['prefill_s']:.2f} s, "
+                f"decode {r['decode_tokens_per_s']:.2f} tok/s, generate {r['generate_tokens_per_s']:.2f} tok/s"
+            )
+
+    summary = {}
+    for name, rs in results.items():
+        summary[name] = {key: median([r[key] for r in rs]) for key in rs[0]}
+    base = summary["unwrapped"]
+    for s in summary.values():
+        s["generate_throughput_vs_unwrapped"] = s["generate_tokens_per_s"] / base["generate_tokens_per_s"]
+        s["decode_throughput_vs_unwrapped"] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        s["prefill_vs_unwrapped"] = s["prefill_s"] / base["prefill_s"]
+    return {
+        "benchmark": "overhead",
+        "model": description,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "ablated_heads": ls.AblateHeads(heads).spec(),
+        "targets": {"steer_no_method": ">= 0.97x unwrapped throughput", "ablate_10_heads": ">= 0.95x"},
+        "summary": summary,
+        "raw": results,
+        "peak_rss_mib": peak_rss_mib(),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }

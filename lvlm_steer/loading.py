@@ -1,0 +1,56 @@
+"""Turn a CLI model spec into (model, processor): a path or Hub id, ``tiny:<arch>``, or ``bench[:small]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lvlm_steer.errors import SteeringError, closest_first
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load the model named by ``spec`` and its processor, in eval mode on ``device``."""
+    if dtype not in DTYPES:
+        raise SteeringError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if spec.startswith("tiny:"):
+        from lvlm_steer.testing import ARCHITECTURES, tiny_model
+
+        arch = spec.split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            raise SteeringError(
+                f"unknown tiny architecture {arch!r}; choose one of {', '.join(closest_first(arch, ARCHITECTURES))}"
+            )
+        model, processor = tiny_model(arch)
+    elif spec == "bench" or spec.startswith("bench:"):
+        from lvlm_steer.bench.model import benchmark_model
+
+        model, processor, _ = benchmark_model(spec.partition(":")[2] or "full")
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
+        processor = AutoProcessor.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    return model, processor

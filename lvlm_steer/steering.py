@@ -1,0 +1,204 @@
+"""`steer()` and the `Steering` handle: wrap a model in place, take it off without a trace.
+
+Attaching does three things, all undone by `Steering.remove` (also on an exception inside ``with``):
+1. select our registered attention function for the text model only (the vision tower keeps its own), and
+   route every text attention module to the user's original implementation or to an editing method;
+2. a top-level forward pre-hook that fills the per-forward context (phase, image-token slots, padding);
+3. each method's own hooks (e.g. ``o_proj`` pre-hooks for head edits).
+Only torch's removable handles are used, so accelerate's ``_hf_hook`` and wrapped ``forward`` stay intact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lvlm_steer.adapters import Adapter, adapter_for
+from lvlm_steer.attention import LayerRoute, add_route, base_attention_fn, drop_route, ensure_registered
+from lvlm_steer.context import ForwardContext
+from lvlm_steer.errors import ConflictError, MissingImagesError
+from lvlm_steer.method import Method
+from lvlm_steer.model_info import ModelInfo
+from lvlm_steer.registry import parse_spec
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Steering] = weakref.WeakKeyDictionary()
+
+
+def steer(model: nn.Module, *methods: Method | str, processor: Any = None) -> Steering:
+    """Apply ``methods`` to ``model`` in place and return the handle that removes them.
+
+    Methods may be objects (``ls.AblateHeads({14: [3]})``) or CLI specs (``"ablate:heads=14.3"``). Every
+    method is validated against the model before anything is attached, so a bad setting leaves the model
+    untouched. Use the handle as a context manager or call ``.remove()``.
+    """
+    if model in _ACTIVE:
+        raise ConflictError(
+            "this model is already steered by "
+            f"{_ACTIVE[model].describe()}; call .remove() on that handle first, or pass all methods to one steer() call"
+        )
+    parsed = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    resolved = [m for m in parsed if m is not None]
+    for m in resolved:
+        if not isinstance(m, Method):
+            raise TypeError(f"steer() takes Method objects or spec strings, got {type(m).__name__}")
+    adapter = adapter_for(model, processor)
+    for m in resolved:
+        m.validate(adapter.info)
+    check_conflicts(resolved, adapter.info)
+    steering = Steering(model, adapter, resolved, processor)
+    steering._attach()
+    return steering
+
+
+def check_conflicts(methods: list[Method], info: ModelInfo) -> None:
+    """Refuse two methods that edit the same head, the same layer's attention, or both own generation."""
+    owner: dict[Hashable, Method] = {}
+    for m in methods:
+        claims = set(m.claims(info)) | {("attention", layer) for layer in m.attention_layers(info)}
+        if m.owns_generation():
+            claims.add(("generate",))
+        for claim in sorted(claims, key=repr):
+            if claim in owner:
+                raise ConflictError(
+                    f"{owner[claim].spec()} and {m.spec()} both edit {_describe_claim(claim)}; "
+                    "their order would change the result: drop one, or give them disjoint heads/layers"
+                )
+            owner[claim] = m
+
+
+def _describe_claim(claim: Hashable) -> str:
+    if isinstance(claim, tuple) and claim[:1] == ("head",):
+        return f"head {claim[1]}.{claim[2]} (layer.head)"
+    if isinstance(claim, tuple) and claim[:1] == ("attention",):
+        return f"the attention of layer {claim[1]}"
+    if claim == ("generate",):
+        return "the generation loop"
+    return repr(claim)
+
+
+class Steering:
+    """Handle of a steered model: a context manager with `remove()`, `generate()` and the live context."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method], processor: Any = None):
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.processor = processor
+        self.info: ModelInfo = adapter.info
+        self.context = ForwardContext(self.info)
+        self._handles: list[Any] = []
+        self._routed: list[nn.Module] = []
+        self._original_impl: str | None = None
+        self._removed = False
+        self._forward_params = inspect.signature(model.forward).parameters
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        try:
+            base = self.adapter.text_config._attn_implementation or "eager"
+            name = ensure_registered(base)
+            modules = self.adapter.attention_modules()
+            editors: dict[int, list[Method]] = {}
+            for m in self.methods:
+                for layer in m.attention_layers(self.info):
+                    editors.setdefault(layer, []).append(m)
+            for layer, module in enumerate(modules):
+                add_route(module, LayerRoute(base_attention_fn(base, module), self.context, editors.get(layer, [])))
+                self._routed.append(module)
+            self._original_impl = base
+            self.model.set_attn_implementation({self.adapter.text_config_key: name})
+            self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            for m in self.methods:
+                self._handles.extend(m.attach(self))
+            _ACTIVE[self.model] = self
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Take every hook of ours off and restore the original attention implementation (idempotent)."""
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            for handle in reversed(self._handles):
+                handle.remove()
+        finally:
+            self._handles.clear()
+            for module in self._routed:
+                drop_route(module)
+            self._routed.clear()
+            if self._original_impl is not None:
+                self.model.set_attn_implementation({self.adapter.text_config_key: self._original_impl})
+            if _ACTIVE.get(self.model) is self:
+                del _ACTIVE[self.model]
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def __enter__(self) -> Steering:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Steering({type(self.model).__name__}, [{self.describe()}], {state})"
+
+    def describe(self) -> str:
+        return ", ".join(m.spec() for m in self.methods) or "no method"
+
+    # -- running -------------------------------------------------------------------------------------------
+    def generate(self, **inputs: Any) -> Any:
+        """``model.generate`` under the steering; a multi-pass method (if any) orchestrates its passes here."""
+        if not self.active:
+            raise RuntimeError("this steering was removed; call steer() again")
+        for m in self.methods:
+            if m.owns_generation():
+                return m.generate(self, **inputs)
+        return self.model.generate(**inputs)
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        values = dict(zip(self._forward_params, args, strict=False)) | kwargs
+        input_ids: torch.Tensor | None = values.get("input_ids")
+        embeds: torch.Tensor | None = values.get("inputs_embeds")
+        tokens = input_ids if input_ids is not None else embeds
+        if tokens is None:
+            return
+        past = values.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None else 0
+        self.context.begin(
+            image_mask=self.adapter.image_mask(input_ids) if input_ids is not None else None,
+            attention_mask=values.get("attention_mask"),
+            past_len=past_len,
+            query_len=tokens.shape[1],
+            batch_size=tokens.shape[0],
+            device=tokens.device,
+        )
+        if self.context.phase == "prefill":
+            self._check_images()
+            for m in self.methods:
+                m.reset()
+
+    def _check_images(self) -> None:
+        needing = [m.spec() for m in self.methods if m.requires_images()]
+        if not needing:
+            return
+        if not self.context.image_positions_known:
+            problem = "the forward got inputs_embeds only, so image positions are unknown; pass input_ids"
+        elif rows := self.context.rows_without_images():
+            problem = f"batch rows {rows} contain no image tokens; give every row an image"
+        else:
+            return
+        self.remove()
+        raise MissingImagesError(
+            f"{', '.join(needing)} needs image tokens in every row: {problem}. "
+            "The steering was removed; call steer() again with a valid batch."
+        )
