@@ -69,6 +69,7 @@ class LayerRoute:
     editors: list[Method] = field(default_factory=list)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.context.layer_idx = module.layer_idx
         if not self.editors:
             return self.base_fn(module, query, key, value, attention_mask, **kwargs)
         call = AttentionCall(module, query, key, value, attention_mask, kwargs, self.context, self.base_fn)

@@ -28,6 +28,7 @@ class ForwardContext:
         self.key_valid_mask: torch.Tensor | None = None  # (B, K) bool, False at padding
         self.forwards = 0  # forwards seen since the last prefill (0 during prefill)
         self.image_positions_known = False
+        self.layer_idx: int | None = None  # the text layer whose attention ran last (set by the dispatcher)
 
     # -- recording ---------------------------------------------------------------------------------------
     def begin(

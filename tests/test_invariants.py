@@ -153,3 +153,35 @@ def test_context_records_image_slots(model_and_processor):
         assert torch.equal(ctx.key_valid_mask, inputs["attention_mask"].bool())
         for row, positions in enumerate(ctx.image_positions()):
             assert torch.equal(positions, expected[row].nonzero().flatten())
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", "idefics3"])
+def test_eager_base_is_kept_and_restored(arch):
+    """A model loaded with eager attention is steered on top of eager (not sdpa) and gets eager back."""
+    from conftest import _model
+
+    model, processor = _model(arch)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    inputs = batch(processor)
+    ref = logits(eager, inputs)
+    with ls.steer(eager, processor=processor) as steered:
+        assert steered.model.config.get_text_config()._attn_implementation == "lvlmsteer_eager"
+        assert torch.equal(logits(eager, inputs), ref)
+    assert eager.config.get_text_config()._attn_implementation == "eager"
+    assert torch.equal(logits(eager, inputs), ref)
+    valid = inputs["attention_mask"].bool()  # padding rows are fully masked: eager and sdpa fill them differently
+    with ls.steer(eager, ls.AblateHeads({0: [1]})), ls.steer(model, ls.AblateHeads({0: [1]})):
+        torch.testing.assert_close(logits(eager, inputs)[valid], logits(model, inputs)[valid], atol=ATOL, rtol=RTOL)
+
+
+def test_handle_generate_runs_under_the_steering(model_and_processor):
+    model, processor = model_and_processor
+    inputs = batch(processor)
+    kwargs = dict(max_new_tokens=3, do_sample=False, suppress_tokens=_image_token_ids(model))
+    with ls.steer(model, ls.ScaleHeads({1: [0, 1]}, gain=4.0)) as steered:
+        via_handle = steered.generate(**inputs, **kwargs)
+        direct = model.generate(**inputs, **kwargs)
+    assert torch.equal(via_handle, direct)
+    with pytest.raises(RuntimeError, match="removed"):
+        steered.generate(**inputs, **kwargs)
