@@ -34,6 +34,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list methods with their parameters and defaults")
     sub.add_parser("models", help="list supported architectures")
 
+    ev = sub.add_parser("eval", help="hallucination evals (POPE, CHAIR) with one or more methods")
+    ev_sub = ev.add_subparsers(dest="task", required=True)
+    pope = ev_sub.add_parser("pope", help="POPE yes/no object questions")
+    _model_args(pope)
+    _eval_args(pope, batch_size=8, max_new_tokens=16)
+    pope.add_argument(
+        "--questions",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="POPE question file (JSON lines or JSON array); repeat for several splits",
+    )
+    pope.add_argument("--parser", default="pope", help="answer parser: pope (official), vcd, lmms, vlmeval")
+    pope.add_argument("--prompt-suffix", default=None, help="text after each question (default: the common one)")
+    pope.add_argument("--limit", type=int, default=None, help="first N questions of each file (quick runs)")
+    chair = ev_sub.add_parser("chair", help="CHAIR object hallucination in image captions")
+    _model_args(chair)
+    _eval_args(chair, batch_size=8, max_new_tokens=512)
+    chair.add_argument("--coco-annotations", required=True, help="folder with instances_*.json (+ captions_*.json)")
+    chair.add_argument("--n-images", type=int, default=500)
+    chair.add_argument("--seed", type=int, default=0)
+    chair.add_argument("--prompt", default=None, help="caption prompt (default: the CHAIR protocol's)")
+
+    pb = sub.add_parser("pope", help="POPE question sets")
+    pb_sub = pb.add_subparsers(dest="pope_command", required=True)
+    build = pb_sub.add_parser("build", help="build random/popular/adversarial question files from COCO annotations")
+    build.add_argument("--coco-annotations", required=True, help="instances_*.json, or the folder holding it")
+    build.add_argument("--n-images", type=int, default=500)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--out", type=Path, required=True)
+
+    rep = sub.add_parser("report", help="side-by-side table and bar chart of eval runs")
+    rep.add_argument("runs", nargs="+", help="eval output folders")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md/.json/.png")
+
     bench = sub.add_parser("bench", help="benchmarks on the benchmark model (JSON out)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     over = bench_sub.add_parser("overhead", help="throughput of unwrapped vs steer() vs AblateHeads(10 heads)")
@@ -41,7 +76,107 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--runs", type=int, default=3)
     over.add_argument("--new-tokens", type=int, default=32)
     over.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    bev = bench_sub.add_parser("eval", help="POPE questions/s: the eval runner vs a bare generate loop")
+    bev.add_argument("--model", action="append", default=None, help="model specs (default: tiny:llava and bench)")
+    bev.add_argument("--batch-size", action="append", type=int, default=None, help="default: 1 and 8")
+    bev.add_argument("--questions", type=int, default=16)
+    bev.add_argument("--runs", type=int, default=3)
+    bev.add_argument("--max-new-tokens", type=int, default=4)
+    bev.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     return parser
+
+
+def _eval_args(p: argparse.ArgumentParser, batch_size: int, max_new_tokens: int) -> None:
+    p.add_argument("--images", required=True, help="folder of the images the questions name (e.g. coco/val2014)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a condition to evaluate: none, or method specs joined by + (repeat for several)",
+    )
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--out", type=Path, required=True, help="output folder; rerunning with it resumes")
+    p.add_argument("--skip-missing", action="store_true", help="leave out items whose image is missing")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lvlm_steer.evals.runner import parse_conditions
+    from lvlm_steer.loading import load_model
+
+    conditions = parse_conditions(args.method)  # before the slow model load, so a typo fails fast
+    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    common = dict(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        skip_missing=args.skip_missing,
+        progress=not args.no_progress,
+    )
+    if args.task == "pope":
+        from lvlm_steer.evals.pope import DEFAULT_PROMPT_SUFFIX
+        from lvlm_steer.evals.pope_eval import evaluate_pope
+
+        suffix = DEFAULT_PROMPT_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
+        return evaluate_pope(
+            model,
+            processor,
+            args.model,
+            args.questions,
+            args.images,
+            conditions,
+            args.out,
+            parser=args.parser,
+            prompt_suffix=suffix,
+            limit=args.limit,
+            **common,
+        )
+    from lvlm_steer.evals.chair import DEFAULT_CHAIR_PROMPT
+    from lvlm_steer.evals.chair_eval import evaluate_chair
+
+    return evaluate_chair(
+        model,
+        processor,
+        args.model,
+        args.coco_annotations,
+        args.images,
+        conditions,
+        args.out,
+        n_images=args.n_images,
+        seed=args.seed,
+        prompt=args.prompt or DEFAULT_CHAIR_PROMPT,
+        **common,
+    )
+
+
+def cmd_pope_build(args: argparse.Namespace) -> str:
+    from lvlm_steer.evals.chair_eval import find_annotations
+    from lvlm_steer.evals.pope import build_pope
+
+    instances, _ = find_annotations(args.coco_annotations)
+    sets = build_pope(instances, n_images=args.n_images, seed=args.seed, out_dir=args.out)
+    return "\n".join(f"{args.out / f'coco_pope_{split}.json'}: {len(qs)} questions" for split, qs in sets.items())
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.bench == "overhead":
+        from lvlm_steer.bench.overhead import run_overhead
+
+        return run_overhead(args.variant, args.runs, args.new_tokens, progress=progress)
+    from lvlm_steer.bench.eval_overhead import run_eval_bench
+
+    return run_eval_bench(
+        args.model or ["tiny:llava", "bench"],
+        args.batch_size or [1, 8],
+        args.questions,
+        args.runs,
+        args.max_new_tokens,
+        progress=progress,
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -122,24 +257,37 @@ def main(argv: list[str] | None = None) -> int:
                     if key in result:
                         label = "none" if key == "none" else result["methods"]
                         print(f"[{label}] {result[key]}")
+        elif args.command == "eval":
+            summary = cmd_eval(args)
+            if summary is not None:
+                from lvlm_steer.evals.report import build_report, to_markdown
+
+                print(to_markdown(build_report([args.out])))
+        elif args.command == "pope":
+            print(cmd_pope_build(args))
+        elif args.command == "report":
+            from lvlm_steer.evals.report import write_report
+
+            paths = write_report(args.runs, args.out)
+            print(paths["markdown"].read_text())
+            print("written: " + ", ".join(str(p) for p in paths.values()))
         elif args.command == "methods":
             print(cmd_methods())
         elif args.command == "models":
             print(cmd_models())
         elif args.command == "bench":
-            from lvlm_steer.bench.overhead import run_overhead
-
-            report = run_overhead(
-                args.variant, args.runs, args.new_tokens, progress=lambda msg: print(msg, file=sys.stderr, flush=True)
-            )
+            report = cmd_bench(args)
             text = json.dumps(report, indent=2)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(text + "\n")
             print(text)
-    except SteeringError as exc:
+    except (SteeringError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: every finished record is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,9 +4,10 @@
 ``make_image``, ``chat_prompt`` and ``tiny_batch`` make matching inputs. Nothing touches the network or the disk.
 """
 
+from .coco import make_coco
 from .configs import ARCHITECTURES
 from .inputs import chat_prompt, make_image, tiny_batch
 from .models import tiny_model
 from .processors import tiny_processor
 
-__all__ = ["ARCHITECTURES", "chat_prompt", "make_image", "tiny_batch", "tiny_model", "tiny_processor"]
+__all__ = ["ARCHITECTURES", "chat_prompt", "make_coco", "make_image", "tiny_batch", "tiny_model", "tiny_processor"]
