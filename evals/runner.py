@@ -168,6 +168,19 @@ class Runner:
         return [a.strip() for a in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def answer_items(runner: Runner, items: Sequence[EvalItem], methods: Sequence[Method] = ()) -> list[str]:
+    """Answers for ``items`` under ``methods``, in memory (no result files): for sweeps such as head calibration."""
+    steering = ls.steer(runner.model, *methods, processor=runner.processor) if methods else None
+    try:
+        answers: list[str] = []
+        for k in range(0, len(items), runner.batch_size):
+            answers += runner._generate(steering, runner._prepare(items[k : k + runner.batch_size]))
+        return answers
+    finally:
+        if steering is not None:
+            steering.remove()
+
+
 def chat_text(processor: Any, prompt: str) -> str:
     """The prompt as the model's chat template renders one user turn with one image."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

@@ -1,6 +1,9 @@
 """Methods, one module each. Importing this package registers every method with the registry."""
 
 from lvlm_steer.hooks.ablation import AblateHeads
+from lvlm_steer.hooks.act import ACT
+from lvlm_steer.hooks.pai import PAI
 from lvlm_steer.hooks.scaling import ScaleHeads
+from lvlm_steer.hooks.var import VAR
 
-__all__ = ["AblateHeads", "ScaleHeads"]
+__all__ = ["ACT", "PAI", "VAR", "AblateHeads", "ScaleHeads"]

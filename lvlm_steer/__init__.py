@@ -15,7 +15,7 @@ from lvlm_steer.errors import (
     SteeringError,
     UnsupportedModelError,
 )
-from lvlm_steer.hooks import AblateHeads, ScaleHeads  # noqa: E402  (registers the methods)
+from lvlm_steer.hooks import ACT, PAI, VAR, AblateHeads, ScaleHeads  # noqa: E402  (registers the methods)
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import method_class, method_names, parse_spec, parse_specs, register_method
@@ -24,6 +24,9 @@ from lvlm_steer.steering import Steering, steer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACT",
+    "PAI",
+    "VAR",
     "AblateHeads",
     "Adapter",
     "ConflictError",

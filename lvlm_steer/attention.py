@@ -67,11 +67,12 @@ class LayerRoute:
     base_fn: AttentionFn
     context: ForwardContext
     editors: list[Method] = field(default_factory=list)
+    steering: Any = None
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        self.context.layer_idx = module.layer_idx
-        if not self.editors:
+        if not self.editors or (self.steering is not None and self.steering.paused):
             return self.base_fn(module, query, key, value, attention_mask, **kwargs)
+        self.context.layer_idx = module.layer_idx
         call = AttentionCall(module, query, key, value, attention_mask, kwargs, self.context, self.base_fn)
         (editor,) = self.editors  # steer() refuses two attention editors on one layer
         return editor.edit_attention(call), None

@@ -57,6 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     chair.add_argument("--seed", type=int, default=0)
     chair.add_argument("--prompt", default=None, help="caption prompt (default: the CHAIR protocol's)")
 
+    cal = sub.add_parser("calibrate", help="choose a method's heads on labelled data")
+    cal_sub = cal.add_subparsers(dest="calibrate", required=True)
+    act = cal_sub.add_parser("act", help="ACT heads: accuracy with vs without calibrating each head alone")
+    _model_args(act)
+    act.add_argument("--images", required=True)
+    act.add_argument("--questions", action="append", required=True, metavar="FILE", help="labelled yes/no questions")
+    act.add_argument("--layers", default=None, help="candidate layers, e.g. 2-30 or 4,5,6 (default 2..L-2)")
+    act.add_argument("--limit", type=int, default=None, help="first N questions of each file")
+    act.add_argument("--beta", type=float, default=0.4)
+    act.add_argument("--threshold", type=float, default=0.1)
+    act.add_argument("--batch-size", type=int, default=8)
+    act.add_argument("--out", type=Path, required=True, help="JSON with the head list and every head's score")
+    act.add_argument("--no-progress", action="store_true")
+
+    sk = sub.add_parser("sinks", help="find a model's sink (massive-activation) dimensions for VAR")
+    _model_args(sk)
+    sk.add_argument("--image", default="random")
+    sk.add_argument("--prompt", default="Describe the image.")
+    sk.add_argument("--out", type=Path, help="write the report JSON here")
+
     pb = sub.add_parser("pope", help="POPE question sets")
     pb_sub = pb.add_subparsers(dest="pope_command", required=True)
     build = pb_sub.add_parser("build", help="build random/popular/adversarial question files from COCO annotations")
@@ -76,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--runs", type=int, default=3)
     over.add_argument("--new-tokens", type=int, default=32)
     over.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    batt = bench_sub.add_parser("attention", help="VAR (fast, eager reference), ACT, PAI vs unwrapped sdpa")
+    batt.add_argument("--variant", default="full", choices=["full", "small"])
+    batt.add_argument("--runs", type=int, default=3)
+    batt.add_argument("--decode-steps", type=int, default=64)
+    batt.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     bev = bench_sub.add_parser("eval", help="POPE questions/s: the eval runner vs a bare generate loop")
     bev.add_argument("--model", action="append", default=None, help="model specs (default: tiny:llava and bench)")
     bev.add_argument("--batch-size", action="append", type=int, default=None, help="default: 1 and 8")
@@ -167,6 +192,10 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         from lvlm_steer.bench.overhead import run_overhead
 
         return run_overhead(args.variant, args.runs, args.new_tokens, progress=progress)
+    if args.bench == "attention":
+        from lvlm_steer.bench.attention import run_attention_bench
+
+        return run_attention_bench(args.variant, args.runs, args.decode_steps, progress=progress)
     from lvlm_steer.bench.eval_overhead import run_eval_bench
 
     return run_eval_bench(
@@ -177,6 +206,52 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         args.max_new_tokens,
         progress=progress,
     )
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    layers: list[int] = []
+    for piece in text.split(","):
+        lo, dash, hi = piece.partition("-")
+        layers += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return layers
+
+
+def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from lvlm_steer.evals.calibrate import calibrate_act
+    from lvlm_steer.loading import load_model
+
+    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    return calibrate_act(
+        model,
+        processor,
+        args.questions,
+        args.images,
+        args.out,
+        layers=parse_layers(args.layers),
+        beta=args.beta,
+        threshold=args.threshold,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_sinks(args: argparse.Namespace) -> str:
+    from lvlm_steer.loading import load_model
+    from lvlm_steer.sinks import find_sink_dims, format_sink_report
+
+    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    image = _load_image(args.image)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = dict(processor(images=[[image]], text=[text], return_tensors="pt"))
+    report = find_sink_dims(model, inputs)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report.to_json() if hasattr(report, "to_json") else json.dumps(report))
+    return format_sink_report(report)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -263,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                 from lvlm_steer.evals.report import build_report, to_markdown
 
                 print(to_markdown(build_report([args.out])))
+        elif args.command == "calibrate":
+            result = cmd_calibrate(args)
+            print(
+                f"baseline accuracy {result['baseline_accuracy']:.3f}; heads with a gain: "
+                f"{sum(map(len, result['heads'].values()))} -> {args.out} (use act:heads=@{args.out})"
+            )
+        elif args.command == "sinks":
+            print(cmd_sinks(args))
         elif args.command == "pope":
             print(cmd_pope_build(args))
         elif args.command == "report":

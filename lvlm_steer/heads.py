@@ -49,7 +49,16 @@ def normalize_heads(value: Any) -> HeadMap:
 
 
 def parse_heads(text: str) -> HeadMap:
-    """``"14.3,14.5,20.1"`` -> ``{14: (3, 5), 20: (1,)}``."""
+    """``"14.3,14.5,20.1"`` -> ``{14: (3, 5), 20: (1,)}``; ``"@heads.json"`` reads ``{"heads": {layer: [heads]}}``."""
+    if text.startswith("@"):
+        import json
+        from pathlib import Path
+
+        data = json.loads(Path(text[1:]).read_text())
+        heads = data.get("heads", data) if isinstance(data, dict) else data
+        if not heads:
+            raise ValueError(f"{text[1:]} lists no heads")
+        return normalize_heads(heads)
     pairs = []
     for piece in text.replace(" ", "").split(","):
         if not piece:
@@ -107,6 +116,8 @@ def add_head_output_hook(steering: Steering, layer: int, edit: HeadEdit):
     o_proj = steering.adapter.o_proj(layer)
 
     def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]):
+        if steering.paused:
+            return None
         x = args[0]
         b, q, _ = x.shape
         y = edit(x.reshape(b, q, info.num_heads, info.head_dim))

@@ -51,6 +51,9 @@ class Method:
     def reset(self) -> None:
         """Drop per-sequence state; called at the start of every prefill."""
 
+    def prepare(self, steering: Steering, forward_kwargs: dict[str, Any]) -> None:
+        """Called at every prefill after `reset`, with the forward's arguments (e.g. to discover model facts once)."""
+
     # -- attention edits (used by methods that change attention itself) ---------------------------------
     def attention_layers(self, info: ModelInfo) -> frozenset[int]:
         """Text layers whose attention call this method edits."""

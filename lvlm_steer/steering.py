@@ -10,9 +10,10 @@ Only torch's removable handles are used, so accelerate's ``_hf_hook`` and wrappe
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +96,7 @@ class Steering:
         self._routed: list[nn.Module] = []
         self._original_impl: str | None = None
         self._removed = False
+        self._paused = 0
         self._forward_params = inspect.signature(model.forward).parameters
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ class Steering:
                 for layer in m.attention_layers(self.info):
                     editors.setdefault(layer, []).append(m)
             for layer, module in enumerate(modules):
-                add_route(module, LayerRoute(base_attention_fn(base, module), self.context, editors.get(layer, [])))
+                route = LayerRoute(base_attention_fn(base, module), self.context, editors.get(layer, []), self)
+                add_route(module, route)
                 self._routed.append(module)
             self._original_impl = base
             self.model.set_attn_implementation({self.adapter.text_config_key: name})
@@ -142,6 +145,25 @@ class Steering:
     def active(self) -> bool:
         return not self._removed
 
+    @property
+    def paused(self) -> bool:
+        return self._paused > 0
+
+    @contextlib.contextmanager
+    def pause(self, stream_state: dict[str, Any] | None = None) -> Iterator[None]:
+        """Run the model unedited inside the block (e.g. a text-only contrast stream, a discovery pass).
+
+        Edits, head hooks and the per-forward context are all left alone while paused, and model-level state
+        that a forward overwrites (Qwen2-VL's cached ``rope_deltas``) is restored afterwards, so an outer
+        steered generation can continue where it was.
+        """
+        self._paused += 1
+        try:
+            with self.adapter.isolated_state(stream_state):
+                yield
+        finally:
+            self._paused -= 1
+
     def __enter__(self) -> Steering:
         return self
 
@@ -166,6 +188,8 @@ class Steering:
         return self.model.generate(**inputs)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.paused:
+            return
         values = dict(zip(self._forward_params, args, strict=False)) | kwargs
         input_ids: torch.Tensor | None = values.get("input_ids")
         embeds: torch.Tensor | None = values.get("inputs_embeds")
@@ -186,6 +210,7 @@ class Steering:
             self._check_images()
             for m in self.methods:
                 m.reset()
+                m.prepare(self, values)
 
     def _check_images(self) -> None:
         needing = [m.spec() for m in self.methods if m.requires_images()]

@@ -268,3 +268,35 @@ def test_wilson_interval():
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # textbook value for 50/100
     assert wilson_interval(1.0, 10)[1] == 1.0 and wilson_interval(0.0, 10)[0] == 0.0
     assert wilson_interval(0.3, 0) == (0.0, 0.0)
+
+
+def test_calibrate_act_writes_a_usable_head_list(coco, tmp_path):
+    from lvlm_steer.evals.calibrate import calibrate_act
+
+    data, pope_dir = coco
+    model, processor = _model("llava")
+    out = tmp_path / "act_heads.json"
+    result = calibrate_act(
+        model,
+        processor,
+        [pope_dir / "coco_pope_random.json"],
+        data["images_dir"],
+        out,
+        layers=[1, 2],
+        threshold=0.05,
+        limit=6,
+        batch_size=3,
+        progress=False,
+    )
+    assert len(result["scores"]) == 2 * 4 and 0.0 <= result["baseline_accuracy"] <= 1.0
+    assert json.loads(out.read_text()) == result
+    expected = {str(s["layer"]): [] for s in result["scores"] if s["gain"] > 0}
+    for s in result["scores"]:
+        if s["gain"] > 0:
+            expected[str(s["layer"])].append(s["head"])
+    assert result["heads"] == expected
+    if result["heads"]:  # the file plugs straight into the method spec
+        from lvlm_steer import parse_spec
+
+        method = parse_spec(f"act:heads=@{out}")
+        assert {str(k): list(v) for k, v in method.heads.items()} == result["heads"]

@@ -60,3 +60,13 @@ def test_registry_lists_methods():
     assert {"ablate", "scale"} <= set(ls.method_names())
     rows = ls.method_class("ablate").parameters()
     assert ("mode", "zero", rows[1][2]) == rows[1]
+
+
+def test_head_list_from_a_json_file(tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps({"heads": {"3": [1, 0], "5": [2]}, "scores": []}))
+    assert ls.parse_spec(f"act:heads=@{path}").heads == {3: (0, 1), 5: (2,)}
+    assert ls.parse_spec(f"ablate:heads=@{path}").heads == {3: (0, 1), 5: (2,)}
+    path.write_text(json.dumps({"heads": {}}))
+    with pytest.raises(ls.MethodSpecError, match="lists no heads"):
+        ls.parse_spec(f"act:heads=@{path}")

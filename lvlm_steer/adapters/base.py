@@ -13,7 +13,9 @@ and decorate it with `register_adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -63,6 +65,8 @@ class Adapter:
     markers_after: ClassVar[int] = 0
     # per-token inputs (same shape as input_ids) that the text-only variant slices like input_ids
     token_inputs: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
+    # model attributes that a forward overwrites and a second stream must not clobber (dotted paths)
+    stateful_attributes: ClassVar[tuple[str, ...]] = ()
     # the per-token input value of generated tokens (PaliGemma marks its causal suffix with token type 1)
     generated_token_type: ClassVar[int] = 0
 
@@ -101,6 +105,30 @@ class Adapter:
         if tower is None:
             raise SteeringError(f"{type(self.model).__name__} has no vision tower at {self.vision_path!r}")
         return tower
+
+    @contextlib.contextmanager
+    def isolated_state(self, stream_state: dict[str, Any] | None = None) -> Iterator[None]:
+        """Keep `stateful_attributes` of an outer stream intact across the block.
+
+        With ``stream_state`` (a dict owned by a second stream), the block sees that stream's own values (set
+        on entry, saved back on exit), so two interleaved streams never read each other's state.
+        """
+        slots = []
+        for path in self.stateful_attributes:
+            owner_path, _, name = path.rpartition(".")
+            owner = _resolve(self.model, owner_path) if owner_path else self.model
+            if owner is not None and hasattr(owner, name):
+                slots.append((path, owner, name, getattr(owner, name)))
+        if stream_state is not None:
+            for path, owner, name, _ in slots:
+                setattr(owner, name, stream_state.get(path))
+        try:
+            yield
+        finally:
+            for path, owner, name, outer in slots:
+                if stream_state is not None:
+                    stream_state[path] = getattr(owner, name)
+                setattr(owner, name, outer)
 
     # -- tokens ---------------------------------------------------------------------------------------------
     @property

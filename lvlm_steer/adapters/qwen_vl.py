@@ -22,6 +22,7 @@ class Qwen2VLAdapter(Adapter):
     vision_path = "model.visual"
     markers_before = 1  # <|vision_start|>
     markers_after = 1  # <|vision_end|>
+    stateful_attributes = ("model.rope_deltas",)  # mrope offsets cached at prefill, read at every decode step
 
     def image_grids(self, inputs: dict[str, Any]) -> list[list[ImageTile]]:
         thw = inputs.get("image_grid_thw")

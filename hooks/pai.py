@@ -1,0 +1,123 @@
+"""PAI, "Paying More Attention to Image" (Liu et al., ECCV 2024).
+
+Attention step: in layers [start_layer, end_layer), all heads, on the LAST query row only (the last prompt token
+at prefill, the new token at each decode step), the pre-softmax logits of image keys become ``Z + alpha * |Z|``.
+Only that one row is recomputed (O(keys) per head); all other rows keep the base kernel's output.
+
+Optional logit refinement (``cfg=True``): a text-only second stream (the same prompt with the image removed, its
+own KV cache, no attention boost) runs beside generation, and the next-token log-probabilities become
+``gamma * (logp_img - logp_txt) + logp_txt``, restricted to tokens with ``p_img >= plausibility * max p_img``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lvlm_steer.attention import AttentionCall
+from lvlm_steer.attention_rows import attend, masked_softmax, replace_rows, row_logits, rows_mask
+from lvlm_steer.errors import MethodConfigError
+from lvlm_steer.method import Method
+from lvlm_steer.model_info import ModelInfo
+from lvlm_steer.registry import register_method
+
+
+@register_method
+@dataclass
+class PAI(Method):
+    """Boost image-key attention logits of the last query row; optionally contrast with a text-only stream."""
+
+    name: ClassVar[str] = "pai"
+    summary: ClassVar[str] = "last-row image logits Z + alpha*|Z| in layers [start, end); optional text-only CFG"
+    paper: ClassVar[str] = "Liu et al., Paying More Attention to Image, ECCV 2024"
+
+    alpha: float = field(default=0.5, metadata={"help": "image logit boost, >= 0 (0 = off)"})
+    start_layer: int = field(default=2, metadata={"help": "first boosted layer"})
+    end_layer: int = field(default=-1, metadata={"help": "one past the last boosted layer (-1 = all layers)"})
+    cfg: bool = field(default=False, metadata={"help": "contrast with a text-only stream at each step"})
+    gamma: float = field(default=1.1, metadata={"help": "CFG strength (1 = image stream only)"})
+    plausibility: float = field(default=0.1, metadata={"help": "CFG keeps tokens with p >= this x max p"})
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise MethodConfigError(f"pai: alpha must be >= 0, got {self.alpha}")
+        if not 0 <= self.plausibility <= 1:
+            raise MethodConfigError(f"pai: plausibility must be in [0, 1], got {self.plausibility}")
+
+    def layers(self, info: ModelInfo) -> range:
+        end = info.num_layers if self.end_layer == -1 else self.end_layer
+        return range(self.start_layer, end)
+
+    def validate(self, info: ModelInfo) -> None:
+        end = info.num_layers if self.end_layer == -1 else self.end_layer
+        if not 0 <= self.start_layer < end <= info.num_layers:
+            raise MethodConfigError(
+                f"pai: layers [{self.start_layer}, {end}) do not fit this model's text layers "
+                f"0..{info.num_layers - 1}; need 0 <= start_layer < end_layer <= {info.num_layers}"
+            )
+
+    def requires_images(self) -> bool:
+        return True
+
+    def attention_layers(self, info: ModelInfo) -> frozenset[int]:
+        return frozenset(self.layers(info)) if self.alpha > 0 else frozenset()
+
+    def edit_attention(self, call: AttentionCall) -> torch.Tensor:
+        base = call.base()
+        last = call.query.shape[2] - 1
+        logits = row_logits(call, last)  # (B, H, 1, K)
+        image = call.context.keys_image_mask(call.key.shape[2]).to(logits.device)[:, None, None, :]
+        logits = torch.where(image, logits + self.alpha * logits.abs(), logits)
+        probs = masked_softmax(logits, rows_mask(call, last))
+        return replace_rows(base, last, attend(probs, call.value))
+
+    def generate(self, steering, **inputs: Any) -> Any:
+        if not self.cfg:
+            return steering.model.generate(**inputs)
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList(inputs.pop("logits_processor", None) or [])
+        processors.insert(0, TextOnlyContrast(steering, inputs, self.gamma, self.plausibility))
+        return steering.model.generate(**inputs, logits_processor=processors)
+
+
+class TextOnlyContrast:
+    """Logits processor: advances the text-only stream by the tokens generated so far and mixes it in.
+
+    The stream runs with the steering paused (no attention boost there) and with its own cache and its own
+    copy of model-level state (Qwen2-VL's ``rope_deltas``), so the image stream is never disturbed.
+    """
+
+    def __init__(self, steering, inputs: dict[str, Any], gamma: float, plausibility: float) -> None:
+        from transformers import DynamicCache
+
+        self.steering = steering
+        self.gamma = gamma
+        self.log_plausibility = float(torch.tensor(plausibility).log())
+        self.text = steering.adapter.text_only(inputs)
+        self.cache = DynamicCache()
+        self.state: dict[str, Any] = {}
+        self.prompt_len = inputs["input_ids"].shape[1]
+        self.fed: int | None = None  # generated tokens already fed to the text stream (None: not started)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_len :]
+        if self.fed is None:  # first step: the text-only prompt itself
+            feed = dict(self.text)
+        else:
+            ones = torch.ones_like(generated)
+            feed = {
+                "input_ids": generated[:, self.fed :],
+                "attention_mask": torch.cat([self.text["attention_mask"], ones], dim=1),
+            }
+        self.fed = generated.shape[1]
+        feed = {k: v.to(scores.device) for k, v in feed.items()}
+        with torch.no_grad(), self.steering.pause(self.state):
+            logits = self.steering.model(**feed, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        logp_txt = torch.log_softmax(logits.float(), dim=-1)
+        logp_img = torch.log_softmax(scores.float(), dim=-1)
+        mixed = self.gamma * (logp_img - logp_txt) + logp_txt
+        cutoff = logp_img.max(dim=-1, keepdim=True).values + self.log_plausibility
+        return mixed.masked_fill(logp_img < cutoff, float("-inf")).to(scores.dtype)

@@ -1,0 +1,148 @@
+"""Attention-editing methods (PAI, VAR, ACT) against slow references on materialised eager attention:
+prefill and cached decode, left-padded batches of two, on Llava, Qwen2-VL and Idefics3; neutral settings are
+identical to the unwrapped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import _model, batch, logits
+
+import lvlm_steer as ls
+from lvlm_steer.testing.references import ACTReference, PAIReference, VARReference
+
+ARCHS = ["llava", "qwen2_vl", "idefics3"]
+TOL = 1e-4
+
+
+def _greedy(model, inputs, steps=4):
+    suppress = [model.config.image_token_id]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        suppress_tokens=suppress,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def _compare_with_reference(arch, fast, reference):
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    base = logits(model, inputs)
+    with ls.steer(model, fast):
+        fast_logits = logits(model, inputs)
+        with torch.no_grad():
+            fast_seq, fast_steps = _greedy(model, inputs)
+    with ls.steer(model, reference):
+        ref_logits = logits(model, inputs)
+        with torch.no_grad():
+            ref_seq, ref_steps = _greedy(model, inputs)
+    valid = inputs["attention_mask"].bool()
+    assert (fast_logits - base)[valid].abs().max() > 1e-3, "the setting must change the output"
+    torch.testing.assert_close(fast_logits[valid], ref_logits[valid], atol=TOL, rtol=0)
+    assert torch.equal(fast_seq, ref_seq)
+    torch.testing.assert_close(fast_steps, ref_steps, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pai_matches_reference(arch):
+    _compare_with_reference(arch, ls.PAI(alpha=0.8, start_layer=1), PAIReference(alpha=0.8, start_layer=1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pai_neutral_is_identical(arch):
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    ref = logits(model, inputs)
+    with ls.steer(model, ls.PAI(alpha=0.0)):
+        assert torch.equal(logits(model, inputs), ref)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_pai_cfg_runs_text_stream_beside_generation(arch):
+    """gamma = 1 with no plausibility cut is the image stream alone; gamma > 1 changes the scores, and the
+    image stream's state (Qwen2-VL rope_deltas) survives the interleaved text-only stream."""
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    kwargs = dict(
+        max_new_tokens=4,
+        min_new_tokens=4,
+        do_sample=False,
+        suppress_tokens=[model.config.image_token_id],
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    with ls.steer(model, ls.PAI(alpha=0.5, start_layer=1)) as s:
+        plain = s.generate(**inputs, **kwargs)
+    with ls.steer(model, ls.PAI(alpha=0.5, start_layer=1, cfg=True, gamma=1.0, plausibility=0.0)) as s:
+        same = s.generate(**inputs, **kwargs)
+    assert torch.equal(plain.sequences, same.sequences)
+    plain_logp = torch.log_softmax(torch.stack(plain.scores, 1), -1)
+    torch.testing.assert_close(torch.stack(same.scores, 1), plain_logp, atol=1e-4, rtol=0)
+    with ls.steer(model, ls.PAI(alpha=0.5, start_layer=1, cfg=True, gamma=2.0)) as s:
+        mixed = s.generate(**inputs, **kwargs)
+    assert not torch.allclose(torch.stack(mixed.scores, 1), plain_logp)
+
+
+def test_pai_bad_settings():
+    with pytest.raises(ls.MethodConfigError, match="alpha must be >= 0"):
+        ls.PAI(alpha=-1)
+    model, _ = _model("llava")
+    with pytest.raises(ls.MethodConfigError, match=r"layers \[2, 9\) do not fit"):
+        ls.steer(model, ls.PAI(end_layer=9))
+
+
+VAR_SETTINGS = dict(p=0.6, rho=0.3, tau=1.5, image_mass=0.05, sink_dims=(0, 1, 2, 3), start_layer=1, skip_last=False)
+ACT_SETTINGS = dict(heads={1: [0, 2], 2: [1, 3]}, beta=0.3, threshold=0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_var_matches_reference(arch):
+    _compare_with_reference(arch, ls.VAR(**VAR_SETTINGS), VARReference(**VAR_SETTINGS))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_act_matches_reference(arch):
+    _compare_with_reference(arch, ls.ACT(**ACT_SETTINGS), ACTReference(**ACT_SETTINGS))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_var_and_act_neutral_are_identical(arch):
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    ref = logits(model, inputs)
+    for method in (ls.VAR(**{**VAR_SETTINGS, "p": 0.0}), ls.ACT(**{**ACT_SETTINGS, "beta": 1.0})):
+        with ls.steer(model, method):
+            assert torch.equal(logits(model, inputs), ref), method
+
+
+def test_var_sinks_follow_the_hidden_states():
+    """The sinks VAR records at prefill are exactly the keys with max_d |x[d]/RMS(x)| > tau on the layer input."""
+    from lvlm_steer.sinks import sink_mask
+
+    model, processor = _model("llava")
+    inputs = batch(processor)
+    method = ls.VAR(**VAR_SETTINGS)
+    with torch.no_grad(), ls.steer(model, method):
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    for layer in (1, 2):
+        expected = sink_mask(hidden[layer], VAR_SETTINGS["sink_dims"], VAR_SETTINGS["tau"])
+        assert torch.equal(method._sinks[layer], expected)
+        assert expected.any() and not expected.all()
+
+
+def test_attention_methods_bad_settings():
+    for bad in (dict(p=1.5), dict(rho=-0.1), dict(tau=0)):
+        with pytest.raises(ls.MethodConfigError, match="var: .*must be"):
+            ls.VAR(**bad)
+    with pytest.raises(ls.MethodConfigError, match=r"beta must be in \[0, 1\]"):
+        ls.ACT(beta=2)
+    model, _ = _model("llava")
+    with pytest.raises(ls.MethodConfigError, match="sink dims"):
+        ls.steer(model, ls.VAR(sink_dims=(999,), start_layer=1))
+    with pytest.raises(ls.ConflictError, match="attention of layer 1"):
+        ls.steer(model, ls.PAI(start_layer=1), ls.VAR(sink_dims=(1,), start_layer=1))
