@@ -20,7 +20,15 @@ from typing import ClassVar
 import torch
 
 from lvlm_steer.attention import AttentionCall
-from lvlm_steer.attention_rows import call_scaling, masked_softmax, replace_rows, row_logits, rows_mask, softcap
+from lvlm_steer.attention_rows import (
+    attend,
+    call_scaling,
+    masked_softmax,
+    replace_rows,
+    row_logits,
+    rows_mask,
+    softcap,
+)
 from lvlm_steer.errors import MethodConfigError, SteeringError
 from lvlm_steer.heads import HeadMap, format_heads, normalize_heads, parse_heads, validate_heads
 from lvlm_steer.method import Method
@@ -116,6 +124,12 @@ class ACT(Method):
         first = torch.cumsum(sinks.long(), dim=-1) == 1
         return sinks & ~first
 
+    def _edit_one_row(self, call: AttentionCall, sinks: torch.Tensor) -> torch.Tensor:
+        """Decode: the one new row's probabilities are O(keys); edit them directly and multiply by V."""
+        probs = masked_softmax(row_logits(call, 0), rows_mask(call, 0))  # (B, H, 1, K)
+        edited = _one_row_edit(probs, sinks[:, :, None, :], self.beta)
+        return attend(edited, call.value).transpose(1, 2).to(call.query.dtype)
+
     def edit_attention(self, call: AttentionCall) -> torch.Tensor:
         from lvlm_steer.kernels import combine_groups, group_masses, grouped_attention
 
@@ -134,6 +148,8 @@ class ACT(Method):
             sinks = torch.nn.functional.pad(sinks, (0, k_len - sinks.shape[2]), value=False)
         else:
             sinks = sinks[..., sinks.shape[2] - k_len :]
+        if call.context.phase != "prefill" and call.query.shape[2] == 1:
+            return self._edit_one_row(call, sinks)
         o, lse = grouped_attention(
             call.query, call.key, call.value, sinks.long(), 2, mask=rows_mask(call, 0), scaling=call_scaling(call)
         )
@@ -142,6 +158,14 @@ class ACT(Method):
         rows = combine_groups(o, new)
         untouched = ~(heads.to(rows.device)[None, :, None] & (m[1] > 0))
         return replace_rows(base, 0, rows, keep=untouched)
+
+
+def _one_row_edit(probs: torch.Tensor, sinks: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sink columns x beta, the freed mass spread over the other keys in proportion (rows without sinks unchanged)."""
+    freed = (1 - beta) * (probs * sinks).sum(-1, keepdim=True)
+    others = torch.where(sinks, torch.zeros_like(probs), probs)
+    spread = freed * others / others.sum(-1, keepdim=True).clamp(min=1e-30)
+    return torch.where(sinks, beta * probs, probs + spread)
 
 
 def _slice_rows(call: AttentionCall, start: int, stop: int) -> AttentionCall:

@@ -65,13 +65,14 @@ class PAI(Method):
         return frozenset(self.layers(info)) if self.alpha > 0 else frozenset()
 
     def edit_attention(self, call: AttentionCall) -> torch.Tensor:
-        base = call.base()
         last = call.query.shape[2] - 1
         logits = row_logits(call, last)  # (B, H, 1, K)
         image = call.context.keys_image_mask(call.key.shape[2]).to(logits.device)[:, None, None, :]
         logits = torch.where(image, logits + self.alpha * logits.abs(), logits)
-        probs = masked_softmax(logits, rows_mask(call, last))
-        return replace_rows(base, last, attend(probs, call.value))
+        rows = attend(masked_softmax(logits, rows_mask(call, last)), call.value)
+        if last == 0:  # decoding: the only row is the edited one, no base call needed
+            return rows.transpose(1, 2).to(call.query.dtype)
+        return replace_rows(call.base(), last, rows)
 
     def generate(self, steering, **inputs: Any) -> Any:
         if not self.cfg:

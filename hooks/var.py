@@ -24,7 +24,15 @@ from typing import Any, ClassVar
 import torch
 
 from lvlm_steer.attention import AttentionCall
-from lvlm_steer.attention_rows import call_scaling, replace_rows, rows_mask, softcap
+from lvlm_steer.attention_rows import (
+    attend,
+    call_scaling,
+    masked_softmax,
+    replace_rows,
+    row_logits,
+    rows_mask,
+    softcap,
+)
 from lvlm_steer.errors import MethodConfigError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
@@ -150,16 +158,37 @@ class VAR(Method):
             return torch.nn.functional.pad(sinks, (0, key_len - sinks.shape[1]), value=False)
         return sinks[:, sinks.shape[1] - key_len :]  # a sliding-window layer holds the last keys
 
+    def _edit_one_row(self, call: AttentionCall, image: torch.Tensor) -> torch.Tensor:
+        """Decode: one row per sequence, so its probabilities are O(keys); reweight keys by group, then @ V.
+
+        Same math as the group-mass edit (each group scaled uniformly), in one pass and without a base call.
+        """
+        sinks = self._key_sinks(call.layer_idx, image.shape[1], image.device)[:, None, None, :]
+        image = image[:, None, None, :]
+        probs = masked_softmax(row_logits(call, 0), rows_mask(call, 0))  # (B, H, 1, K)
+        img = (probs * image).sum(-1, keepdim=True)
+        image_nonsink = image & ~sinks
+        nonsink = (probs * image_nonsink).sum(-1, keepdim=True)
+        sink = (probs * sinks).sum(-1, keepdim=True)
+        share = torch.where(img > 0, nonsink / img.clamp(min=1e-30), torch.zeros_like(img))
+        chosen = (img >= self.image_mass) & (share >= self.rho)
+        boost = 1 + self.p * sink / nonsink.clamp(min=1e-30)
+        weight = torch.where(sinks, 1 - self.p, torch.where(image_nonsink, boost, torch.ones_like(probs)))
+        probs = torch.where(chosen, probs * weight, probs)
+        return attend(probs, call.value).transpose(1, 2).to(call.query.dtype)
+
     # -- the edit ----------------------------------------------------------------------------------------
     def edit_attention(self, call: AttentionCall) -> torch.Tensor:
         from lvlm_steer.kernels import combine_groups, group_masses, grouped_attention
 
         if softcap(call):
             raise SteeringError("var: attention logit softcapping is not supported by the grouped kernel")
-        base = call.base()
         ctx = call.context
         q_len, k_len = call.query.shape[2], call.key.shape[2]
         image = ctx.keys_image_mask(k_len).to(call.key.device)
+        if ctx.phase != "prefill" and q_len == 1:
+            return self._edit_one_row(call, image)
+        base = call.base()
         if ctx.phase == "prefill":
             # text rows after each row's last image token (query i sits at key slot k_len - q_len + i)
             last_image = torch.where(image, torch.arange(k_len, device=image.device), -1).max(dim=1).values

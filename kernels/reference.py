@@ -45,23 +45,67 @@ def grouped_attention_reference(
     num_groups: int,
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
+    row_chunk: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group normalised outputs O (G, B, H, Q, Dv) in q.dtype and log-sum-exps L (G, B, H, Q) in float32.
 
     Same contract as ``lvlm_steer.kernels.grouped_attention``: a group with no visible key in a row has O = 0 and
-    L = -inf. Memory is O(Q x K) per group, computed one group at a time.
+    L = -inf. One pass per chunk of query rows: the logits once, one exp against the row maximum, per-group sums
+    by a one-hot matmul and per-group weighted values by one folded matmul, so the cost is a small multiple of
+    plain attention for those rows (a group whose mass underflows float32 next to the row's largest, below about
+    1e-38 of it, is reported as empty). Memory is O(rows x G x K) per chunk of ``row_chunk`` rows.
     """
     dims = check_qkv(q, k, v)
     check_mask(mask, dims, q.device)
     groups = check_groups(key_groups, num_groups, dims, q.device)
-    logits = masked_logits(q, k, dims, mask, default_scaling(scaling, dims.D))
-    group_of_key = groups[:, :, None, :]  # (B, 1|H, 1, K)
+    scale = default_scaling(scaling, dims.D)
+    onehot = torch.nn.functional.one_hot(groups, num_groups).float()  # (B, 1|H, K, G)
     out = torch.empty((num_groups, dims.B, dims.H, dims.Q, dims.Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((num_groups, dims.B, dims.H, dims.Q), dtype=torch.float32, device=q.device)
-    for g in range(num_groups):
-        p, lse[g] = normalised_exp(logits.masked_fill(group_of_key != g, NEG_INF))
-        out[g] = apply_values(p, v, dims).to(q.dtype)
+    # few rows (decoding): spread the small weights per group; many rows: build V per group once (G x |V|)
+    spread_weights = dims.n_rep * min(dims.Q, row_chunk) * 2 <= dims.Dv
+    group_values = None if spread_weights else _values_by_group(v, onehot, dims)
+    for start in range(0, dims.Q, row_chunk):
+        stop = min(dims.Q, start + row_chunk)
+        rows = stop - start
+        chunk_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:stop]
+        sub = Dims(dims.B, dims.H, dims.Hkv, rows, dims.K, dims.D, dims.Dv)
+        logits = masked_logits(q[:, :, start:stop], k, sub, chunk_mask, scale)
+        peak = logits.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        weights = torch.exp(logits - peak)  # hidden keys: exp(-inf) = 0
+        if spread_weights:
+            spread = weights[..., None, :] * onehot.transpose(-1, -2)[:, :, None]  # (B, H, rows, G, K)
+            sums = spread.sum(dim=-1)
+            folded = spread.reshape(dims.B, dims.Hkv, dims.n_rep * rows * num_groups, dims.K)
+            values = torch.matmul(folded, v.float()).view(dims.B, dims.H, rows, num_groups, dims.Dv)
+        else:
+            sums = torch.matmul(weights, onehot)  # (B, H, rows, G)
+            values = _group_values(weights, group_values, dims, rows, num_groups)  # (B, H, rows, G, Dv)
+        normalised = torch.where(sums[..., None] > 0, values / sums.clamp(min=1e-38)[..., None], 0.0)
+        out[:, :, :, start:stop] = normalised.permute(3, 0, 1, 2, 4).to(q.dtype)
+        lse[:, :, :, start:stop] = (torch.log(sums) + peak).permute(3, 0, 1, 2)
     return out, lse
+
+
+def _values_by_group(v: torch.Tensor, onehot: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """V with the keys of other groups zeroed, per group: (B, Hkv|H, G, K, Dv), G x the size of V at most."""
+    vf = v.float()
+    if onehot.shape[1] != 1:  # per-head groups: each query head needs its own copy
+        vf = vf.repeat_interleave(dims.n_rep, dim=1)
+    return vf[:, :, None] * onehot.permute(0, 1, 3, 2)[..., None]
+
+
+def _group_values(weights: torch.Tensor, group_values: torch.Tensor, dims: Dims, rows: int, groups: int):
+    """sum_{j in g} weights_j v_j for every group: one batched matmul, (B, H, rows, G, Dv)."""
+    if group_values.shape[1] == dims.H and dims.n_rep != 1:  # per-head groups
+        values = torch.matmul(weights[:, :, None], group_values)  # (B, H, G, rows, Dv)
+        return values.permute(0, 1, 3, 2, 4)
+    folded = weights.reshape(dims.B, dims.Hkv, 1, dims.n_rep * rows, dims.K)
+    values = torch.matmul(folded, group_values)  # (B, Hkv, G, n_rep * rows, Dv)
+    return values.view(dims.B, dims.Hkv, groups, dims.n_rep, rows, dims.Dv).permute(0, 1, 3, 4, 2, 5).reshape(
+        dims.B, dims.H, rows, groups, dims.Dv
+    )
 
 
 def row_probe(

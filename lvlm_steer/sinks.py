@@ -197,9 +197,14 @@ class SinkReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
+_OWN_KWARGS = ("output_hidden_states", "output_attentions", "use_cache", "return_dict", "past_key_values")
+
+
 def _to_device(inputs: Mapping[str, Any], device: torch.device | None) -> dict[str, Any]:
+    """The forward kwargs without the ones these functions set themselves, tensors moved to ``device``."""
+    inputs = {k: v for k, v in inputs.items() if k not in _OWN_KWARGS}
     if device is None:
-        return dict(inputs)
+        return inputs
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
@@ -217,15 +222,47 @@ def _valid_tokens(inputs: Mapping[str, Any], shape: tuple[int, int], device: tor
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
+_CAPTURE_HOOK_NAME = "output_capturing_hook"
+_CAPTURE_FLAG = "_output_capturing_hooks_installed"
+_MISSING = object()
+
+
+@contextmanager
+def _transient_output_capture(model: nn.Module):
+    """Remove the output-capturing hooks that transformers installs during the block, if it installs them there.
+
+    transformers (v5) records ``hidden_states`` / ``attentions`` with forward hooks that it adds to the model's layers
+    on the first call asking for them and never removes. Left in place they count as hooks on the model, and they
+    record a layer's output as it was before any forward hook registered after them changed it. Hooks installed by
+    an earlier call elsewhere are left alone (and keep that caveat); only the ones added inside the block go.
+    """
+    modules = list(model.modules())
+    before = [(m, set(m._forward_hooks), m.__dict__.get(_CAPTURE_FLAG, _MISSING)) for m in modules]
+    try:
+        yield
+    finally:
+        for module, keys, flag in before:
+            for key in [k for k in module._forward_hooks if k not in keys]:
+                if getattr(module._forward_hooks[key], "__name__", "") == _CAPTURE_HOOK_NAME:
+                    del module._forward_hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_hooks_always_called.pop(key, None)
+            if flag is _MISSING:
+                module.__dict__.pop(_CAPTURE_FLAG, None)
+            else:
+                module.__dict__[_CAPTURE_FLAG] = flag
+
+
 def _layer_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
     """The language model's ``hidden_states`` of one forward: entry ``l`` is the input of decoder layer ``l``.
 
     Causal LMs and the VLM classes of transformers v5 return the language model's states at the top level
     (``output.hidden_states``, ``num_layers + 1`` entries, the last one after the final norm); vision states, when
     present, come in other fields (``image_hidden_states``). Older composite outputs carried them in
-    ``language_model_outputs``; both are handled, and states of the wrong width are refused.
+    ``language_model_outputs``; both are handled, and states of the wrong width are refused. The capturing hooks
+    transformers adds for this are removed again (``_transient_output_capture``).
     """
-    with torch.no_grad():
+    with _transient_output_capture(model), torch.no_grad():
         out = model(**inputs, output_hidden_states=True, use_cache=False)
     hidden = getattr(_text_config(model), "hidden_size", None)
     candidates = []
@@ -443,7 +480,7 @@ def attention_share_of_tokens(
     config is bypassed meanwhile). ``layers`` defaults to every layer.
     """
     inputs = _to_device(inputs, _model_device(model))
-    with _eager_attention(model), torch.no_grad():
+    with _eager_attention(model), _transient_output_capture(model), torch.no_grad():
         out = model(**inputs, output_attentions=True, use_cache=False)
     attentions = getattr(out, "attentions", None)
     if not attentions or any(a is None for a in attentions):
@@ -471,20 +508,18 @@ def attention_share_of_tokens(
 def format_sink_report(report: SinkReport, max_tokens: int = 4) -> str:
     """A short human-readable table of ``report``: the chosen dims, then one line per scanned layer."""
 
-    def tok(t: SinkToken) -> str:
-        return f"{t.row}:{t.position}" if t.row else str(t.position)
-
-    head = f"sink dims of {report.model or 'model'}: " + (
-        ", ".join(f"{d} (peak {r:.0f}x median, {n}/{len(report.layers)} layers)" for d, r, n in
-                  zip(report.dims, report.ratios, report.layer_counts))
-        or "none found"
-    )  # fmt: skip
-    rule = f"rule: |x[d]| / median|x| > {report.ratio:g} and >= {report.contrast:g}x typical, in >= " + (
-        f"{report.min_layer_frac:.0%} of layers"
+    found = [
+        f"{d} (peak {r:.0f}x median, {n}/{len(report.layers)} layers)"
+        for d, r, n in zip(report.dims, report.ratios, report.layer_counts, strict=True)
+    ]
+    head = f"sink dims of {report.model or 'model'}: " + (", ".join(found) or "none found")
+    rule = (
+        f"rule: |x[d]| / median|x| > {report.ratio:g} and >= {report.contrast:g}x typical, "
+        f"in >= {report.min_layer_frac:.0%} of layers"
     )
     lines = [head, rule, f"{'layer':>5}  {'typical':>7}  {'sink tokens (row:pos ratio@dim)':<44}  massive dims"]
     for layer in report.per_layer:
-        shown = [f"{tok(t)} {t.ratio:.0f}@{t.dim}" for t in layer.tokens[:max_tokens]]
+        shown = [f"{t.row}:{t.position} {t.ratio:.0f}@{t.dim}" for t in layer.tokens[:max_tokens]]
         if len(layer.tokens) > max_tokens:
             shown.append(f"+{len(layer.tokens) - max_tokens}")
         dims = ", ".join(f"{d}" for d, _ in sorted(layer.dims.items(), key=lambda kv: -kv[1])[:max_tokens])

@@ -22,7 +22,7 @@ from torch import nn
 from lvlm_steer.adapters import Adapter, adapter_for
 from lvlm_steer.attention import LayerRoute, add_route, base_attention_fn, drop_route, ensure_registered
 from lvlm_steer.context import ForwardContext
-from lvlm_steer.errors import ConflictError, MissingImagesError
+from lvlm_steer.errors import ConflictError, MissingImagesError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import parse_spec
@@ -208,9 +208,13 @@ class Steering:
         )
         if self.context.phase == "prefill":
             self._check_images()
-            for m in self.methods:
-                m.reset()
-                m.prepare(self, values)
+            try:
+                for m in self.methods:
+                    m.reset()
+                    m.prepare(self, values)
+            except SteeringError:
+                self.remove()  # never leave a half-prepared steering on the model
+                raise
 
     def _check_images(self) -> None:
         needing = [m.spec() for m in self.methods if m.requires_images()]

@@ -33,6 +33,8 @@ def _compare_with_reference(arch, fast, reference):
     model, processor = _model(arch)
     inputs = batch(processor)
     base = logits(model, inputs)
+    with torch.no_grad():
+        _, base_steps = _greedy(model, inputs)
     with ls.steer(model, fast):
         fast_logits = logits(model, inputs)
         with torch.no_grad():
@@ -42,7 +44,8 @@ def _compare_with_reference(arch, fast, reference):
         with torch.no_grad():
             ref_seq, ref_steps = _greedy(model, inputs)
     valid = inputs["attention_mask"].bool()
-    assert (fast_logits - base)[valid].abs().max() > 1e-3, "the setting must change the output"
+    assert (fast_logits - base)[valid].abs().max() > 1e-3, "the setting must change the prefill"
+    assert (fast_steps[:, 1:] - base_steps[:, 1:]).abs().max() > 1e-3, "the setting must change decode steps"
     torch.testing.assert_close(fast_logits[valid], ref_logits[valid], atol=TOL, rtol=0)
     assert torch.equal(fast_seq, ref_seq)
     torch.testing.assert_close(fast_steps, ref_steps, atol=TOL, rtol=0)
@@ -146,3 +149,54 @@ def test_attention_methods_bad_settings():
         ls.steer(model, ls.VAR(sink_dims=(999,), start_layer=1))
     with pytest.raises(ls.ConflictError, match="attention of layer 1"):
         ls.steer(model, ls.PAI(start_layer=1), ls.VAR(sink_dims=(1,), start_layer=1))
+
+
+def test_var_without_known_dims_discovers_them_or_says_what_to_run(caplog):
+    from lvlm_steer.sinks import clear_sink_cache
+
+    model, processor = _model("llava")
+    inputs = batch(processor)
+    clear_sink_cache(model)
+    # a random model has no massive activations: discovery finds none, the error names the command to run
+    with pytest.raises(ls.SteeringError, match="lvlm-steer sinks"):
+        with ls.steer(model, ls.VAR(start_layer=1, skip_last=False)):
+            logits(model, inputs)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    # plant a massive activation in hidden dim 13 of every row's first valid token (as real LLMs have on BOS)
+    clear_sink_cache(model)
+    first = inputs["attention_mask"].argmax(dim=1)
+
+    def plant(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] == inputs["input_ids"].shape[1]:
+            hidden[torch.arange(hidden.shape[0]), first, 13] += 500.0
+        return output
+
+    handle = ls.adapter_for(model).layers()[0].register_forward_hook(plant)
+    try:
+        # |x[d]| / RMS(x) can never exceed sqrt(hidden) = 8 here, so the paper's tau = 20 cannot fire on this model
+        method = ls.VAR(start_layer=1, skip_last=False, tau=5.0)
+        with caplog.at_level("WARNING", logger="lvlm_steer"), ls.steer(model, method):
+            logits(model, inputs)
+        assert 13 in method._dims
+        assert "discovered sink dimensions" in caplog.text
+        assert method._sinks[1][torch.arange(2), first].all()
+    finally:
+        handle.remove()
+        clear_sink_cache(model)
+
+
+def test_act_default_heads_are_announced_once(caplog):
+    model, processor = _model("llava")
+    method = ls.ACT()
+    with pytest.raises(ls.MethodConfigError, match="default layers 2..L-2 are empty"):
+        ls.steer(model, method)  # the tiny model has 3 layers: the default would select nothing
+    from transformers import LlamaConfig
+
+    info = ls.ModelInfo.from_text_config("llava", LlamaConfig(num_hidden_layers=8, num_attention_heads=4,
+                                                              hidden_size=64))
+    with caplog.at_level("WARNING", logger="lvlm_steer"):
+        first = method.selected(info)
+        method.selected(info)
+    assert set(first) == set(range(2, 7)) and all(len(h) == 4 for h in first.values())
+    assert caplog.text.count("no heads given") == 1

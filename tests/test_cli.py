@@ -93,3 +93,12 @@ def test_console_script_is_installed():
         pytest.skip("package not installed with its console script (pip install -e .)")
     proc = subprocess.run([script, "models"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "idefics3" in proc.stdout
+
+
+def test_sinks_command_reports_and_saves(tmp_path, capsys):
+    out = tmp_path / "sinks.json"
+    assert main(["sinks", "--model", "tiny:llava", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert "dims" in report and report["dims"] == []  # a random model has no massive activations
+    assert printed.strip()

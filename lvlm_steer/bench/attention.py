@@ -3,7 +3,8 @@
 Each condition runs in its own process (so peak memory is that condition's alone): the benchmark model, one
 ~1.2k-token prompt, prefill then `decode_steps` greedy steps, `runs` times after a warm-up; medians of prefill
 time and decode tokens/s, and the peak resident memory over what the process held before the first forward
-("extra" memory, of which the unwrapped run's is the baseline for attention memory).
+("extra" memory: the growth of the peak over what the process held after a warm-up run, so imports and
+allocator pools do not count; the unwrapped run's extra is the baseline for attention memory).
 
 The benchmark model has random weights, so it has no real massive activations: VAR gets explicit sink dimensions
 (the work per edited row does not depend on how many keys are sinks).
@@ -42,7 +43,7 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
 
     import lvlm_steer as ls
     from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
-    from lvlm_steer.bench.timing import ForwardTimer, median, peak_rss_mib
+    from lvlm_steer.bench.timing import ForwardTimer, median, reset_peak_rss, rss_mib
 
     logging.getLogger("lvlm_steer").setLevel(logging.ERROR)
     model, processor, description = benchmark_model(variant)
@@ -50,8 +51,8 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
     methods = _methods(name)
     if name == "var_reference":
         model.set_attn_implementation({"text_config": "eager"})  # the official setting: materialised attention
-    before = peak_rss_mib()
     prefill, decode = [], []
+    before = float("nan")
     for i in range(runs + 1):
         steering = ls.steer(model, *methods, processor=processor) if methods is not None else None
         try:
@@ -62,7 +63,10 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
         finally:
             if steering is not None:
                 steering.remove()
-        if i:  # the first run is a warm-up
+        if i == 0:  # the first run is a warm-up (imports, allocator pools); memory is measured from here
+            reset_peak_rss()
+            before = rss_mib()
+        else:
             prefill.append(timer.durations[0])
             decode.append(len(timer.durations[1:]) / sum(timer.durations[1:]))
     return {
@@ -72,7 +76,7 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
         "prefill_s": median(prefill),
         "decode_tokens_per_s": median(decode),
         "prefill_runs": prefill,
-        "extra_peak_rss_mib": peak_rss_mib() - before,
+        "extra_peak_rss_mib": rss_mib("VmHWM") - before,
     }
 
 
