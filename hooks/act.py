@@ -21,6 +21,7 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import (
+    align_to_keys,
     attend,
     call_scaling,
     masked_softmax,
@@ -143,11 +144,7 @@ class ACT(Method):
         sinks = self._sinks.get(layer)
         if sinks is None:
             raise SteeringError(f"act: no sinks recorded for layer {layer}; the prefill must run under the steering")
-        sinks = sinks.to(call.key.device)
-        if k_len >= sinks.shape[2]:
-            sinks = torch.nn.functional.pad(sinks, (0, k_len - sinks.shape[2]), value=False)
-        else:
-            sinks = sinks[..., sinks.shape[2] - k_len :]
+        sinks = align_to_keys(sinks.to(call.key.device), k_len)
         if call.context.phase != "prefill" and call.query.shape[2] == 1:
             return self._edit_one_row(call, sinks)
         o, lse = grouped_attention(

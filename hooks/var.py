@@ -25,6 +25,7 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import (
+    align_to_keys,
     attend,
     call_scaling,
     masked_softmax,
@@ -153,10 +154,7 @@ class VAR(Method):
         sinks = self._sinks.get(layer)
         if sinks is None:
             raise SteeringError(f"var: no sinks recorded for layer {layer}; the prefill must run under the steering")
-        sinks = sinks.to(device)
-        if key_len >= sinks.shape[1]:
-            return torch.nn.functional.pad(sinks, (0, key_len - sinks.shape[1]), value=False)
-        return sinks[:, sinks.shape[1] - key_len :]  # a sliding-window layer holds the last keys
+        return align_to_keys(sinks.to(device), key_len)
 
     def _edit_one_row(self, call: AttentionCall, image: torch.Tensor) -> torch.Tensor:
         """Decode: one row per sequence, so its probabilities are O(keys); reweight keys by group, then @ V.

@@ -103,8 +103,10 @@ def _group_values(weights: torch.Tensor, group_values: torch.Tensor, dims: Dims,
         return values.permute(0, 1, 3, 2, 4)
     folded = weights.reshape(dims.B, dims.Hkv, 1, dims.n_rep * rows, dims.K)
     values = torch.matmul(folded, group_values)  # (B, Hkv, G, n_rep * rows, Dv)
-    return values.view(dims.B, dims.Hkv, groups, dims.n_rep, rows, dims.Dv).permute(0, 1, 3, 4, 2, 5).reshape(
-        dims.B, dims.H, rows, groups, dims.Dv
+    return (
+        values.view(dims.B, dims.Hkv, groups, dims.n_rep, rows, dims.Dv)
+        .permute(0, 1, 3, 4, 2, 5)
+        .reshape(dims.B, dims.H, rows, groups, dims.Dv)
     )
 
 

@@ -67,6 +67,14 @@ def attend(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.matmul(grouped, value.float()).reshape(b, h, r, -1)
 
 
+def align_to_keys(mask: torch.Tensor, key_len: int) -> torch.Tensor:
+    """A per-key mask recorded at prefill, aligned to ``key_len`` keys along the last axis: new (decoded) keys are
+    False, and a sliding-window layer that holds only the last ``key_len`` keys gets the last columns."""
+    if key_len >= mask.shape[-1]:
+        return torch.nn.functional.pad(mask, (0, key_len - mask.shape[-1]), value=False)
+    return mask[..., mask.shape[-1] - key_len :]
+
+
 def replace_rows(base: torch.Tensor, start: int, rows: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Put edited rows (B, H, R, D) into the base output (B, q, H, D) at ``start:``; ``keep`` (B, H, R) picks base."""
     new = rows.to(base.dtype)

@@ -129,10 +129,9 @@ def _eval_args(p: argparse.ArgumentParser, batch_size: int, max_new_tokens: int)
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from lvlm_steer.evals.runner import parse_conditions
-    from lvlm_steer.loading import load_model
 
     conditions = parse_conditions(args.method)  # before the slow model load, so a typo fails fast
-    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    model, processor = _load(args)
     common = dict(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -220,9 +219,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from lvlm_steer.evals.calibrate import calibrate_act
-    from lvlm_steer.loading import load_model
 
-    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    model, processor = _load(args)
     return calibrate_act(
         model,
         processor,
@@ -239,10 +237,9 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sinks(args: argparse.Namespace) -> str:
-    from lvlm_steer.loading import load_model
     from lvlm_steer.sinks import find_sink_dims, format_sink_report
 
-    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    model, processor = _load(args)
     image = _load_image(args.image)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -252,6 +249,13 @@ def cmd_sinks(args: argparse.Namespace) -> str:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report.to_json() if hasattr(report, "to_json") else json.dumps(report))
     return format_sink_report(report)
+
+
+def _load(args: argparse.Namespace):
+    """(model, processor) from the shared --model/--device/--dtype/--attn-implementation/--trust-remote-code flags."""
+    from lvlm_steer.loading import load_model
+
+    return load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -265,10 +269,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from lvlm_steer.loading import load_model
-
     methods = ls.parse_specs(args.method)  # parse before the (slow) load so a typo fails fast
-    model, processor = load_model(args.model, args.device, args.dtype, args.attn_implementation, args.trust_remote_code)
+    model, processor = _load(args)
     image = _load_image(args.image)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)

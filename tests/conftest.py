@@ -40,6 +40,21 @@ def batch(processor, rows: tuple[int, ...] = (0, 1)):
     return dict(tiny_batch(processor, prompts, images))
 
 
+def greedy_with_logits(model, inputs, steps: int = 4, suppress: list[int] | None = None):
+    """Greedy generate of exactly ``steps`` tokens: (sequences, per-step logits (B, steps, V))."""
+    suppress = suppress if suppress is not None else [model.config.image_token_id]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        suppress_tokens=suppress,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import _model, batch, logits
+from conftest import _model, batch, greedy_with_logits, logits
 
 import lvlm_steer as ls
 from lvlm_steer.testing.references import ACTReference, PAIReference, VARReference
@@ -15,34 +15,20 @@ ARCHS = ["llava", "qwen2_vl", "idefics3"]
 TOL = 1e-4
 
 
-def _greedy(model, inputs, steps=4):
-    suppress = [model.config.image_token_id]
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        suppress_tokens=suppress,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)
-
-
 def _compare_with_reference(arch, fast, reference):
     model, processor = _model(arch)
     inputs = batch(processor)
     base = logits(model, inputs)
     with torch.no_grad():
-        _, base_steps = _greedy(model, inputs)
+        _, base_steps = greedy_with_logits(model, inputs)
     with ls.steer(model, fast):
         fast_logits = logits(model, inputs)
         with torch.no_grad():
-            fast_seq, fast_steps = _greedy(model, inputs)
+            fast_seq, fast_steps = greedy_with_logits(model, inputs)
     with ls.steer(model, reference):
         ref_logits = logits(model, inputs)
         with torch.no_grad():
-            ref_seq, ref_steps = _greedy(model, inputs)
+            ref_seq, ref_steps = greedy_with_logits(model, inputs)
     valid = inputs["attention_mask"].bool()
     assert (fast_logits - base)[valid].abs().max() > 1e-3, "the setting must change the prefill"
     assert (fast_steps[:, 1:] - base_steps[:, 1:]).abs().max() > 1e-3, "the setting must change decode steps"
@@ -193,8 +179,9 @@ def test_act_default_heads_are_announced_once(caplog):
         ls.steer(model, method)  # the tiny model has 3 layers: the default would select nothing
     from transformers import LlamaConfig
 
-    info = ls.ModelInfo.from_text_config("llava", LlamaConfig(num_hidden_layers=8, num_attention_heads=4,
-                                                              hidden_size=64))
+    info = ls.ModelInfo.from_text_config(
+        "llava", LlamaConfig(num_hidden_layers=8, num_attention_heads=4, hidden_size=64)
+    )
     with caplog.at_level("WARNING", logger="lvlm_steer"):
         first = method.selected(info)
         method.selected(info)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, logits, our_hooks
+from conftest import batch, greedy_with_logits, logits, our_hooks
 
 import lvlm_steer as ls
 from lvlm_steer.attention import _ROUTES
@@ -87,19 +87,6 @@ def test_batch_rows_equal_single_rows(model_and_processor, methods):
             torch.testing.assert_close(batched[row, -n:], single[0], atol=ATOL, rtol=RTOL)
 
 
-def _greedy_with_logits(model, inputs, steps: int, suppress: list[int]):
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        suppress_tokens=suppress,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)
-
-
 def _image_token_ids(model) -> list[int]:
     cfg = model.config
     ids = {cfg.image_token_id}
@@ -115,7 +102,7 @@ def test_cached_generate_equals_uncached_reforward(model_and_processor):
     steps = 4
     with ls.steer(model, ls.AblateHeads({0: [1]}, mode="mean"), ls.ScaleHeads({1: [0, 2]}, gain=1.5)):
         with torch.no_grad():
-            seq, step_logits = _greedy_with_logits(model, inputs, steps, _image_token_ids(model))
+            seq, step_logits = greedy_with_logits(model, inputs, steps, _image_token_ids(model))
             full = ls.adapter_for(model).extend_inputs(inputs, seq)
             again = model(**full, use_cache=False).logits
     prompt_len = inputs["input_ids"].shape[1]
