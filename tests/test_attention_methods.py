@@ -167,6 +167,12 @@ def test_var_without_known_dims_discovers_them_or_says_what_to_run(caplog):
         assert 13 in method._dims
         assert "discovered sink dimensions" in caplog.text
         assert method._sinks[1][torch.arange(2), first].all()
+        # the same discovery from inside generate (v5 passes precomputed image features to the prefill forward)
+        clear_sink_cache(model)
+        in_generate = ls.VAR(start_layer=1, skip_last=False, tau=5.0)
+        with torch.no_grad(), ls.steer(model, in_generate):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=[model.config.image_token_id])
+        assert 13 in in_generate._dims
     finally:
         handle.remove()
         clear_sink_cache(model)
