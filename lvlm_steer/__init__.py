@@ -15,6 +15,7 @@ from lvlm_steer.errors import (
     SteeringError,
     UnsupportedModelError,
 )
+from lvlm_steer.head_scan import HeadScores, scan_heads
 from lvlm_steer.hooks import ACT, PAI, VAR, AblateHeads, ScaleHeads  # noqa: E402  (registers the methods)
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
@@ -48,6 +49,8 @@ __all__ = [
     "parse_specs",
     "register_adapter",
     "register_method",
+    "scan_heads",
+    "HeadScores",
     "steer",
     "supported_architectures",
 ]

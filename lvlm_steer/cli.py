@@ -71,6 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--out", type=Path, required=True, help="JSON with the head list and every head's score")
     act.add_argument("--no-progress", action="store_true")
 
+    hd = sub.add_parser("heads", help="head tooling: scan heads, ablate heads")
+    hd_sub = hd.add_subparsers(dest="heads_command", required=True)
+    scan = hd_sub.add_parser("scan", help="per layer x head VHD and image-attention share (JSON, CSV, heatmaps)")
+    _model_args(scan)
+    scan.add_argument("--images", required=True, help="an image file or a folder of images")
+    scan.add_argument("--prompt", required=True)
+    scan.add_argument("--limit", type=int, default=None, help="first N images of a folder")
+    scan.add_argument("--batch-size", type=int, default=4)
+    scan.add_argument("--top", type=int, default=10)
+    scan.add_argument("--out", type=Path, required=True, help="folder for heads.json, heads.csv, heads.png")
+    abl = hd_sub.add_parser("ablate", help="answers with and without ablating heads, and the answer's log-prob change")
+    _model_args(abl)
+    abl.add_argument("--heads", required=True, help="layer.head list, e.g. 14.3,14.5")
+    abl.add_argument("--mode", default="zero", help="zero | mean | constant")
+    abl.add_argument("--image", required=True, help="image file (or 'random')")
+    abl.add_argument("--prompt", required=True)
+    abl.add_argument("--max-new-tokens", type=int, default=32)
+
     sk = sub.add_parser("sinks", help="find a model's sink (massive-activation) dimensions for VAR")
     _model_args(sk)
     sk.add_argument("--image", default="random")
@@ -236,6 +254,77 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _image_files(path: str, limit: int | None) -> list[Path]:
+    target = Path(path)
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise SteeringError(f"--images {path!r} is neither an image file nor a folder")
+    files = sorted(p for p in target.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    if not files:
+        raise SteeringError(f"no images (.jpg, .png, .webp, .bmp) in {path}")
+    return files[:limit] if limit else files
+
+
+def cmd_heads_scan(args: argparse.Namespace) -> str:
+    from PIL import Image
+
+    from lvlm_steer.head_scan import scan_heads
+
+    files = _image_files(args.images, args.limit)
+    model, processor = _load(args)
+    images = [Image.open(f).convert("RGB") for f in files]
+    scores = scan_heads(model, processor, images, args.prompt, args.batch_size, model_name=args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "heads.json").write_text(scores.to_json())
+    scores.to_csv(args.out / "heads.csv")
+    scores.plot(args.out / "heads.png")
+    lines = [f"{len(images)} image(s); top heads by VHD (layer.head: VHD, image share):"]
+    share = scores.image_share
+    lines += [f"  {layer}.{head}: {v:.3f}, {share[layer][head]:.3f}" for layer, head, v in scores.top(args.top)]
+    lines.append(f"written: {args.out / 'heads.json'}, heads.csv, heads.png")
+    return "\n".join(lines)
+
+
+def cmd_heads_ablate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from lvlm_steer.evals.runner import chat_text
+
+    method = ls.AblateHeads(args.heads, mode=args.mode)  # validate the spec before the load
+    model, processor = _load(args)
+    text = chat_text(processor, args.prompt)
+    inputs = dict(processor(images=[[_load_image(args.image)]], text=[text], return_tensors="pt"))
+    prompt_len = inputs["input_ids"].shape[1]
+    adapter = ls.adapter_for(model, processor)
+
+    def answer() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+
+    def answer_logprob(sequences: torch.Tensor) -> float:
+        """Sum of log-probabilities of the generated tokens, teacher-forced (one uncached forward)."""
+        with torch.inference_mode():
+            logits = model(**adapter.extend_inputs(inputs, sequences), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[0, prompt_len - 1 : -1], dim=-1)
+        return float(logp.gather(-1, sequences[0, prompt_len:, None]).sum())
+
+    base = answer()
+    base_logp = answer_logprob(base)
+    with ls.steer(model, method, processor=processor):
+        ablated = answer()
+        base_logp_ablated = answer_logprob(base)
+    decode = processor.batch_decode
+    return {
+        "heads": method.spec(),
+        "none": decode(base[:, prompt_len:], skip_special_tokens=True)[0],
+        "ablated": decode(ablated[:, prompt_len:], skip_special_tokens=True)[0],
+        "answer_logprob": base_logp,
+        "answer_logprob_ablated": base_logp_ablated,
+        "delta_logprob": base_logp_ablated - base_logp,
+    }
+
+
 def cmd_sinks(args: argparse.Namespace) -> str:
     from lvlm_steer.sinks import find_sink_dims, format_sink_report
 
@@ -346,6 +435,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"baseline accuracy {result['baseline_accuracy']:.3f}; heads with a gain: "
                 f"{sum(map(len, result['heads'].values()))} -> {args.out} (use act:heads=@{args.out})"
             )
+        elif args.command == "heads":
+            if args.heads_command == "scan":
+                print(cmd_heads_scan(args))
+            else:
+                r = cmd_heads_ablate(args)
+                print(f"[none]    {r['none']}\n[ablated] {r['ablated']}   ({r['heads']})")
+                print(
+                    f"log p(unablated answer): {r['answer_logprob']:.3f} -> {r['answer_logprob_ablated']:.3f} "
+                    f"with the ablation (change {r['delta_logprob']:+.3f})"
+                )
         elif args.command == "sinks":
             print(cmd_sinks(args))
         elif args.command == "pope":
