@@ -21,10 +21,10 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import (
-    align_to_keys,
     attend,
     call_scaling,
     masked_softmax,
+    recorded_key_mask,
     replace_rows,
     row_logits,
     rows_mask,
@@ -141,10 +141,7 @@ class ACT(Method):
         heads = self._head_masks[layer]
         if call.context.phase == "prefill":
             self._sinks[layer] = self._find_sinks(call, heads)
-        sinks = self._sinks.get(layer)
-        if sinks is None:
-            raise SteeringError(f"act: no sinks recorded for layer {layer}; the prefill must run under the steering")
-        sinks = align_to_keys(sinks.to(call.key.device), k_len)
+        sinks = recorded_key_mask(self._sinks, layer, k_len, call.key.device, self.name)
         if call.context.phase != "prefill" and call.query.shape[2] == 1:
             return self._edit_one_row(call, sinks)
         o, lse = grouped_attention(

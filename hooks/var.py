@@ -25,10 +25,10 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import (
-    align_to_keys,
     attend,
     call_scaling,
     masked_softmax,
+    recorded_key_mask,
     replace_rows,
     row_logits,
     rows_mask,
@@ -151,10 +151,7 @@ class VAR(Method):
         return hook
 
     def _key_sinks(self, layer: int, key_len: int, device: torch.device) -> torch.Tensor:
-        sinks = self._sinks.get(layer)
-        if sinks is None:
-            raise SteeringError(f"var: no sinks recorded for layer {layer}; the prefill must run under the steering")
-        return align_to_keys(sinks.to(device), key_len)
+        return recorded_key_mask(self._sinks, layer, key_len, device, self.name)
 
     def _edit_one_row(self, call: AttentionCall, image: torch.Tensor) -> torch.Tensor:
         """Decode: one row per sequence, so its probabilities are O(keys); reweight keys by group, then @ V.

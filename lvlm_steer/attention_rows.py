@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lvlm_steer.attention import AttentionCall
+from lvlm_steer.errors import SteeringError
 
 
 def call_scaling(call: AttentionCall) -> float:
@@ -73,6 +74,16 @@ def align_to_keys(mask: torch.Tensor, key_len: int) -> torch.Tensor:
     if key_len >= mask.shape[-1]:
         return torch.nn.functional.pad(mask, (0, key_len - mask.shape[-1]), value=False)
     return mask[..., mask.shape[-1] - key_len :]
+
+
+def recorded_key_mask(
+    store: dict[int, torch.Tensor], layer: int, key_len: int, device: torch.device, owner: str
+) -> torch.Tensor:
+    """A method's per-key mask recorded for ``layer`` at prefill, on ``device`` and aligned to ``key_len`` keys."""
+    mask = store.get(layer)
+    if mask is None:
+        raise SteeringError(f"{owner}: nothing recorded for layer {layer}; the prefill must run under the steering")
+    return align_to_keys(mask.to(device), key_len)
 
 
 def replace_rows(base: torch.Tensor, start: int, rows: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -96,15 +96,62 @@ def test_heads_cli(tmp_path, capsys):
     for seed in (0, 1):
         make_image(seed).save(folder / f"{seed}.png")
     out = tmp_path / "scan"
-    assert main(["heads", "scan", "--model", "tiny:idefics3", "--images", str(folder), "--prompt", PROMPT,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "scan",
+                "--model",
+                "tiny:idefics3",
+                "--images",
+                str(folder),
+                "--prompt",
+                PROMPT,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "top heads by VHD" in capsys.readouterr().out
     assert json.loads((out / "heads.json").read_text())["n_images"] == 2
     assert (out / "heads.png").exists() and (out / "heads.csv").exists()
-    assert main(["heads", "ablate", "--model", "tiny:llava", "--heads", "0.1,1.2", "--image", str(folder / "0.png"),
-                 "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "ablate",
+                "--model",
+                "tiny:llava",
+                "--heads",
+                "0.1,1.2",
+                "--image",
+                str(folder / "0.png"),
+                "--prompt",
+                PROMPT,
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[ablated]" in printed and "log p(unablated answer)" in printed
-    assert main(["heads", "scan", "--model", "tiny:llava", "--images", str(tmp_path / "none"), "--prompt", "x",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "heads",
+                "scan",
+                "--model",
+                "tiny:llava",
+                "--images",
+                str(tmp_path / "none"),
+                "--prompt",
+                "x",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "neither an image file nor a folder" in capsys.readouterr().err
