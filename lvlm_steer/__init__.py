@@ -20,6 +20,7 @@ from lvlm_steer.hooks import ACT, PAI, VAR, AblateHeads, ScaleHeads  # noqa: E40
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import method_class, method_names, parse_spec, parse_specs, register_method
+from lvlm_steer.stats import LayerTokens, PrefillStats, prefill_flops
 from lvlm_steer.steering import Steering, steer
 
 __version__ = "0.1.0"
@@ -51,6 +52,9 @@ __all__ = [
     "register_method",
     "scan_heads",
     "HeadScores",
+    "LayerTokens",
+    "PrefillStats",
+    "prefill_flops",
     "steer",
     "supported_architectures",
 ]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from lvlm_steer.attention import AttentionCall
+    from lvlm_steer.stats import LayerTokens
     from lvlm_steer.steering import Steering
 
 
@@ -53,6 +54,10 @@ class Method:
 
     def prepare(self, steering: Steering, forward_kwargs: dict[str, Any]) -> None:
         """Called at every prefill after `reset`, with the forward's arguments (e.g. to discover model facts once)."""
+
+    def layer_tokens(self, steering: Steering) -> LayerTokens | None:
+        """After a prefill: the valid tokens each text layer processed, per row, and the count without this method."""
+        return None
 
     # -- attention edits (used by methods that change attention itself) ---------------------------------
     def attention_layers(self, info: ModelInfo) -> frozenset[int]:

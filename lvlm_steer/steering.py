@@ -26,6 +26,8 @@ from lvlm_steer.errors import ConflictError, MissingImagesError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import parse_spec
+from lvlm_steer.stats import LayerTokens, PrefillStats
+from lvlm_steer.stats import combine as combine_layer_tokens
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Steering] = weakref.WeakKeyDictionary()
 
@@ -98,6 +100,7 @@ class Steering:
         self._removed = False
         self._paused = 0
         self._forward_params = inspect.signature(model.forward).parameters
+        self._prefill_valid: torch.Tensor | None = None  # (B,) valid prompt tokens at the last prefill, for stats()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -187,6 +190,21 @@ class Steering:
                 return m.generate(self, **inputs)
         return self.model.generate(**inputs)
 
+    def stats(self) -> PrefillStats:
+        """Tokens and FLOPs (FastV Eq. 5) per text layer at the last prefill, with and without pruning."""
+        if self._prefill_valid is None:
+            raise RuntimeError("stats() needs a prefill first: run the steered model (forward or generate) once")
+        reports = [r for m in self.methods if (r := m.layer_tokens(self)) is not None]
+        if reports:
+            tokens = combine_layer_tokens(reports)
+        else:
+            valid = [int(n) for n in self._prefill_valid.tolist()]
+            tokens = LayerTokens(valid, [list(valid) for _ in range(self.info.num_layers)])
+        m = self.info.intermediate_size
+        if m is None:
+            raise RuntimeError(f"{self.info.architecture}'s text config has no intermediate_size; FLOPs are unknown")
+        return PrefillStats.from_layer_tokens(tokens, self.info.hidden_size, int(m))
+
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.paused:
             return
@@ -207,6 +225,7 @@ class Steering:
             device=tokens.device,
         )
         if self.context.phase == "prefill":
+            self._prefill_valid = self.context.keys_valid_mask().sum(dim=1)
             self._check_images()
             try:
                 for m in self.methods:
