@@ -2,8 +2,9 @@
 
 from lvlm_steer.hooks.ablation import AblateHeads
 from lvlm_steer.hooks.act import ACT
+from lvlm_steer.hooks.carve import CARVE
 from lvlm_steer.hooks.pai import PAI
 from lvlm_steer.hooks.scaling import ScaleHeads
 from lvlm_steer.hooks.var import VAR
 
-__all__ = ["ACT", "PAI", "VAR", "AblateHeads", "ScaleHeads"]
+__all__ = ["ACT", "CARVE", "PAI", "VAR", "AblateHeads", "ScaleHeads"]

@@ -69,6 +69,9 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} lists attention layers but does not edit attention")
 
     # -- multi-pass methods ----------------------------------------------------------------------------------
+    # True for methods whose `generate` needs the raw PIL images and question texts (``images=``, ``questions=``)
+    needs_raw_inputs: ClassVar[bool] = False
+
     def generate(self, steering: Steering, **inputs: Any) -> Any:
         """Run generation for methods that need extra passes (a pre-pass, capture passes, a contrast branch)."""
         raise NotImplementedError

@@ -185,9 +185,11 @@ class Steering:
         """``model.generate`` under the steering; a multi-pass method (if any) orchestrates its passes here."""
         if not self.active:
             raise RuntimeError("this steering was removed; call steer() again")
+        # raw inputs (PIL images per row, question texts) reach only a method that asks for them (CARVE)
+        raw = {k: inputs.pop(k) for k in ("images", "questions") if k in inputs}
         for m in self.methods:
             if m.owns_generation():
-                return m.generate(self, **inputs)
+                return m.generate(self, **inputs, **(raw if m.needs_raw_inputs else {}))
         return self.model.generate(**inputs)
 
     def stats(self) -> PrefillStats:

@@ -69,6 +69,8 @@ class Adapter:
     stateful_attributes: ClassVar[tuple[str, ...]] = ()
     # the per-token input value of generated tokens (PaliGemma marks its causal suffix with token type 1)
     generated_token_type: ClassVar[int] = 0
+    # trained on prompts with several images (CARVE's final pass then shows the original and the refined image)
+    multi_image: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

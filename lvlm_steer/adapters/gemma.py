@@ -9,6 +9,7 @@ from lvlm_steer.adapters.registry import register_adapter
 @register_adapter
 class Gemma3Adapter(Adapter):
     model_types = ("gemma3",)
+    multi_image = True
     display_name = "Gemma 3 (Gemma3ForConditionalGeneration)"
     markers_before = 1  # boi
     markers_after = 1  # eoi

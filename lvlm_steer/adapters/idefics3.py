@@ -23,6 +23,7 @@ _TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
 @register_adapter
 class Idefics3Adapter(Adapter):
     model_types = ("idefics3",)
+    multi_image = True
     display_name = "Idefics3 (Idefics3ForConditionalGeneration)"
     layers_path = "model.text_model.layers"
     vision_path = "model.vision_model"

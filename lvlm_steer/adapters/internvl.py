@@ -19,6 +19,7 @@ from lvlm_steer.errors import SteeringError
 @register_adapter
 class InternVLAdapter(Adapter):
     model_types = ("internvl",)
+    multi_image = True
     display_name = "InternVL 3 (InternVLForConditionalGeneration)"
     markers_before = 1  # <img>
     markers_after = 1  # </img>

@@ -79,5 +79,6 @@ class LlavaNextAdapter(Adapter):
 @register_adapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
+    multi_image = True
     display_name = "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)"
     downsample_large_grids = True

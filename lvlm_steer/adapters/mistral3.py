@@ -17,6 +17,7 @@ from lvlm_steer.errors import SteeringError
 @register_adapter
 class Mistral3Adapter(Adapter):
     model_types = ("mistral3",)
+    multi_image = True
     display_name = "Mistral 3 (Mistral3ForConditionalGeneration)"
 
     def _images(self, row: torch.Tensor) -> list[list[Span]]:

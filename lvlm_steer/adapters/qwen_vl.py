@@ -18,6 +18,7 @@ from lvlm_steer.errors import SteeringError
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
+    multi_image = True
     display_name = "Qwen2-VL (Qwen2VLForConditionalGeneration)"
     vision_path = "model.visual"
     markers_before = 1  # <|vision_start|>
