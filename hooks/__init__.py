@@ -6,5 +6,6 @@ from lvlm_steer.hooks.carve import CARVE
 from lvlm_steer.hooks.pai import PAI
 from lvlm_steer.hooks.scaling import ScaleHeads
 from lvlm_steer.hooks.var import VAR
+from lvlm_steer.hooks.vtc_cls import VTCCLS
 
-__all__ = ["ACT", "CARVE", "PAI", "VAR", "AblateHeads", "ScaleHeads"]
+__all__ = ["ACT", "CARVE", "PAI", "VAR", "VTCCLS", "AblateHeads", "ScaleHeads"]

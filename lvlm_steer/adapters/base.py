@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -50,6 +50,24 @@ class ImageTile:
     @property
     def cols(self) -> int:
         return int(self.positions.shape[1])
+
+
+@dataclass
+class VisionScoring:
+    """What pruning before the LLM (VTC-CLS) needs from a vision tower; see `Adapter.vision_scoring`.
+
+    A *unit* is one vision-tower input (an image, or one crop of a split image). ``attention`` holds the
+    tower's self-attention modules in order (``q_proj``, ``k_proj``, ``num_heads``, ``head_dim``, ``scale``;
+    called with the normed hidden states and an optional mask). The LLM sees the output of layer
+    ``feature_layer``. ``cls``: position 0 is a CLS token. ``to_tokens`` maps per-position scores
+    (units, positions) to scores of the unit's image tokens (units, ``tokens_per_unit``) in LLM order.
+    """
+
+    attention: list[nn.Module]
+    feature_layer: int
+    cls: bool
+    tokens_per_unit: int
+    to_tokens: Callable[[torch.Tensor], torch.Tensor]
 
 
 class Adapter:
@@ -107,6 +125,10 @@ class Adapter:
         if tower is None:
             raise SteeringError(f"{type(self.model).__name__} has no vision tower at {self.vision_path!r}")
         return tower
+
+    def vision_scoring(self) -> VisionScoring | None:
+        """The vision tower's attention modules and token layout for pre-LLM pruning; None where unsupported."""
+        return None
 
     @contextlib.contextmanager
     def isolated_state(self, stream_state: dict[str, Any] | None = None) -> Iterator[None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, Span, _square_tile
+from lvlm_steer.adapters.base import Adapter, ImageTile, Span, VisionScoring, _square_tile
 from lvlm_steer.adapters.registry import register_adapter
 
 _TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -58,6 +58,19 @@ class Idefics3Adapter(Adapter):
                     tile.tile_row, tile.tile_col = self._tag_position(int(row[s - 1]))
                 tiles.append(tile)
         return tiles
+
+    def vision_scoring(self) -> VisionScoring:
+        """SigLIP tower (no CLS) on each crop; the connector's pixel shuffle folds scale^2 patches into a token."""
+        tower = self.vision_tower()
+        layers = tower.encoder.layers
+        scale = self.config.scale_factor
+        shuffle = self.model.model.connector.pixel_shuffle
+
+        def to_tokens(scores: torch.Tensor) -> torch.Tensor:  # a token's score: the sum over its patches
+            return shuffle(scores[..., None], scale).sum(dim=-1)
+
+        tokens = tower.embeddings.num_patches // scale**2
+        return VisionScoring([layer.self_attn for layer in layers], len(layers) - 1, False, tokens, to_tokens)
 
     def _tag_position(self, token_id: int) -> tuple[int | None, int | None]:
         tok = getattr(self.processor, "tokenizer", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, grid_positions
+from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, grid_positions
 from lvlm_steer.adapters.registry import register_adapter
 from lvlm_steer.errors import SteeringError
 
@@ -22,6 +22,31 @@ from lvlm_steer.errors import SteeringError
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     display_name = "LLaVA-1.5 (LlavaForConditionalGeneration)"
+
+    def vision_scoring(self) -> VisionScoring | None:
+        """CLIP-style tower: features are ``hidden_states[vision_feature_layer]``, minus CLS for "default"."""
+        tower = self.vision_tower()
+        body = getattr(tower, "vision_model", tower)
+        layers = getattr(getattr(body, "encoder", None), "layers", None)
+        embeddings = getattr(body, "embeddings", None)
+        if layers is None or not hasattr(embeddings, "num_patches"):
+            return None
+        attention = [getattr(layer, "self_attn", None) for layer in layers]
+        if not all(hasattr(a, "q_proj") and hasattr(a, "k_proj") for a in attention):
+            return None
+        chosen = self.config.vision_feature_layer
+        chosen = max(c % (len(layers) + 1) for c in chosen) if isinstance(chosen, list) else chosen
+        feature_layer = chosen % (len(layers) + 1) - 1  # hidden_states[i] is the output of layer i - 1
+        cls = hasattr(embeddings, "class_embedding")
+        drop = 1 if self.config.vision_feature_select_strategy == "default" else 0
+
+        def to_tokens(scores: torch.Tensor) -> torch.Tensor:
+            tokens = scores[:, drop:].clone()
+            if cls and drop == 0:  # "full" keeps the CLS feature: always keep it
+                tokens[:, 0] = float("inf")
+            return tokens
+
+        return VisionScoring(attention, feature_layer, cls, embeddings.num_patches + int(cls) - drop, to_tokens)
 
 
 @register_adapter
