@@ -217,6 +217,8 @@ class Steering:
         if tokens is None:
             return
         past = values.get("past_key_values")
+        if past is None:
+            past = values.get("cache")  # transformers >= 5.24 renamed past_key_values to cache
         past_len = int(past.get_seq_length()) if past is not None else 0
         self.context.begin(
             image_mask=self.adapter.image_mask(input_ids) if input_ids is not None else None,
