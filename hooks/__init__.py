@@ -7,6 +7,7 @@ from lvlm_steer.hooks.fastv import FastV
 from lvlm_steer.hooks.pai import PAI
 from lvlm_steer.hooks.scaling import ScaleHeads
 from lvlm_steer.hooks.var import VAR
+from lvlm_steer.hooks.vhr import VHR
 from lvlm_steer.hooks.vtc_cls import VTCCLS
 
-__all__ = ["ACT", "CARVE", "FastV", "PAI", "VAR", "VTCCLS", "AblateHeads", "ScaleHeads"]
+__all__ = ["ACT", "CARVE", "FastV", "PAI", "VAR", "VHR", "VTCCLS", "AblateHeads", "ScaleHeads"]

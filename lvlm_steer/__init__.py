@@ -16,7 +16,7 @@ from lvlm_steer.errors import (
     UnsupportedModelError,
 )
 from lvlm_steer.head_scan import HeadScores, scan_heads
-from lvlm_steer.hooks import ACT, CARVE, PAI, VAR, VTCCLS, AblateHeads, FastV, ScaleHeads  # noqa: E402  (registers the methods)
+from lvlm_steer.hooks import ACT, CARVE, PAI, VAR, VHR, VTCCLS, AblateHeads, FastV, ScaleHeads  # noqa: E402  (registers the methods)
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import method_class, method_names, parse_spec, parse_specs, register_method
@@ -30,6 +30,7 @@ __all__ = [
     "CARVE",
     "PAI",
     "VAR",
+    "VHR",
     "VTCCLS",
     "AblateHeads",
     "FastV",
