@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     batt.add_argument("--runs", type=int, default=3)
     batt.add_argument("--decode-steps", type=int, default=64)
     batt.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    bpr = bench_sub.add_parser("pruning", help="FastV and VTC-CLS vs unwrapped: prefill, decode, memory, FLOPs")
+    bpr.add_argument("--model", action="append", default=None, help="bench, bench:small, llava15 (default: both full)")
+    bpr.add_argument("--runs", type=int, default=3)
+    bpr.add_argument("--new-tokens", type=int, default=16)
+    bpr.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     bev = bench_sub.add_parser("eval", help="POPE questions/s: the eval runner vs a bare generate loop")
     bev.add_argument("--model", action="append", default=None, help="model specs (default: tiny:llava and bench)")
     bev.add_argument("--batch-size", action="append", type=int, default=None, help="default: 1 and 8")
@@ -213,6 +218,10 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         from lvlm_steer.bench.attention import run_attention_bench
 
         return run_attention_bench(args.variant, args.runs, args.decode_steps, progress=progress)
+    if args.bench == "pruning":
+        from lvlm_steer.bench.pruning import DEFAULT_MODELS, run_pruning_bench
+
+        return run_pruning_bench(args.model or DEFAULT_MODELS, args.runs, args.new_tokens, progress=progress)
     from lvlm_steer.bench.eval_overhead import run_eval_bench
 
     return run_eval_bench(
