@@ -278,3 +278,26 @@ def test_spec_and_conflicts():
         ls.steer(model, ls.FastV(k=1), ls.VAR(start_layer=2, skip_last=False))
     with ls.steer(model, ls.FastV(k=1), ls.AblateHeads({2: [0]})):  # head edits combine with pruning
         logits(model, batch(processor))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_base_matches_sdpa_base(arch):
+    """Under a user's eager attention (float additive masks) FastV keeps the same tokens and gives the same
+    logits as under sdpa (bool masks), prefill and cached decode of a left-padded batch."""
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    method = ls.FastV(k=2, r=0.5)
+    sdpa, kept = _fast(model, inputs, method)
+    with torch.no_grad():
+        with ls.steer(model, method):
+            _, sdpa_steps = greedy_with_logits(model, inputs, steps=3)
+        model.set_attn_implementation({"text_config": "eager"})
+        try:
+            eager, eager_kept = _fast(model, inputs, method)
+            with ls.steer(model, method):
+                _, eager_steps = greedy_with_logits(model, inputs, steps=3)
+        finally:
+            model.set_attn_implementation({"text_config": "sdpa"})
+    assert torch.equal(kept, eager_kept)
+    torch.testing.assert_close(eager[kept >= 0], sdpa[kept >= 0], **TOL)
+    torch.testing.assert_close(eager_steps, sdpa_steps, **TOL)

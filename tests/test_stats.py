@@ -78,3 +78,31 @@ def test_stats_use_method_reports():
         stats = steering.stats()
     assert stats.unpruned == [99, 99] and stats.per_layer[0] == [99, 5]
     assert stats.reduction > 0
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_stats_with_and_without_fastv(arch):
+    model, processor = _model(arch)
+    inputs = batch(processor)
+    valid = inputs["attention_mask"].bool()
+    image = ((inputs["input_ids"] == model.config.image_token_id) & valid).sum(1)
+    n_valid = valid.sum(1)
+    with ls.steer(model) as steering:
+        with torch.no_grad():
+            model(**inputs)
+        plain = steering.stats()
+    with ls.steer(model, ls.FastV(k=2, r=0.5)) as steering:
+        with torch.no_grad():
+            model(**inputs)
+        pruned = steering.stats()
+    with ls.steer(model, ls.FastV(k=2, r=0.0)) as steering:
+        with torch.no_grad():
+            model(**inputs)
+        neutral = steering.stats()
+    kept = (n_valid - image + torch.floor(image * 0.5 + 0.5).long()).tolist()
+    layers = plain.num_layers
+    assert plain.per_layer == [n_valid.tolist()] * layers
+    assert pruned.unpruned == n_valid.tolist()
+    assert pruned.per_layer == [n_valid.tolist()] * 2 + [kept] * (layers - 2)
+    assert pruned.total_flops_unpruned == plain.total_flops
+    assert 0 < pruned.reduction < 1 and neutral.to_dict() == plain.to_dict()
