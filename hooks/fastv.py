@@ -62,6 +62,7 @@ class FastV(Method):
         if self.score not in SCORES:
             raise MethodConfigError(f"fastv: score must be one of {', '.join(SCORES)}, got {self.score!r}")
         self._steering: Any = None
+        self._window: int | None = None  # a sliding window the whole sequence must fit in (read at attach)
         self.reset()
 
     # -- method interface ---------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class FastV(Method):
                 "full-attention text models only (a sliding-window cache cannot hold a pruned sequence)"
             )
         self._steering = steering
+        uses_window = not getattr(cfg, "layer_types", None) and getattr(cfg, "use_sliding_window", True)
+        self._window = int(cfg.sliding_window) if uses_window and getattr(cfg, "sliding_window", None) else None
         if not self.active:
             return []
         layers = steering.adapter.layers()
@@ -196,6 +199,11 @@ class FastV(Method):
                     self._decoded = 0
                 else:
                     self._decoded += hidden.shape[1]
+                if self._window is not None and self._full_len + self._decoded > self._window:
+                    raise SteeringError(
+                        f"fastv: {self._full_len + self._decoded} tokens exceed this model's sliding window "
+                        f"({self._window}); a pruned cache cannot be windowed: use shorter prompts or generations"
+                    )
             if self._idx is None:
                 raise SteeringError("fastv: no prefill ran under this steering; start with a full prompt")
             kwargs = dict(kwargs)

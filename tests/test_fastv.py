@@ -301,3 +301,17 @@ def test_eager_base_matches_sdpa_base(arch):
     assert torch.equal(kept, eager_kept)
     torch.testing.assert_close(eager[kept >= 0], sdpa[kept >= 0], **TOL)
     torch.testing.assert_close(eager_steps, sdpa_steps, **TOL)
+
+
+def test_sequence_longer_than_sliding_window_is_refused():
+    model, processor = _model("mistral3")
+    cfg = model.config.text_config
+    window = cfg.sliding_window
+    inputs = batch(processor)
+    cfg.sliding_window = inputs["input_ids"].shape[1] - 1
+    try:
+        with ls.steer(model, ls.FastV(k=1)):
+            with pytest.raises(ls.SteeringError, match="sliding window"):
+                logits(model, inputs)
+    finally:
+        cfg.sliding_window = window
