@@ -13,9 +13,12 @@ Mechanism (no model code touched): an attention probe on layer K-1 (one query ro
 "mean"), and forward pre-hooks on layers K..L-1 that gather hidden states (at layer K), the precomputed
 rotary cos/sin, ``position_ids`` and the attention mask with the kept indices, so kept tokens keep their
 ORIGINAL positions (Qwen2-VL's mrope included). Rows of a batch keep different numbers of tokens; the kept
-sets are left-padded to a common length with masked key slots. The caches of layers >= K hold only kept
-tokens (plus generated ones); at decode the pre-hooks pick the mask columns of those keys, because
-transformers sizes the decode mask from layer 0's full-length cache.
+sets are left-padded to a common length with masked key slots (left padding of the prompt is dropped). The
+caches of layers >= K hold only kept tokens (plus generated ones); at decode the pre-hooks build each pruned
+layer's mask from the kept slots, because transformers sizes the decode mask from layer 0's cache (full length
+for K > 0, pruned for K = 0). So ``get_seq_length()`` is the full prompt length for K > 0 and the pruned one for
+K = 0; decode positions come from generate's position counter either way, so kept tokens and new ones keep
+their original positions. Without a cache (``use_cache=False``) every forward is a prefill and re-selects.
 
 What the caller gets: logits for the kept positions only, shape (B, L', V), in order (the last position is
 always kept, which is all ``generate`` reads); `FastV.kept_positions` maps them back to prompt slots.
