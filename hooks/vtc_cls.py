@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from lvlm_steer.adapters.base import VisionScoring
     from lvlm_steer.steering import Steering
 
-QUERY_CHUNK = 256  # query rows per block when a tower without CLS needs the attention every patch receives
+PROBE_ELEMENTS = 1 << 23  # cap on (units x heads x query rows x keys) probabilities held at once (no-CLS towers)
 SUPPORTED = "llava (CLIP tower with CLS), idefics3 and smolvlm (SigLIP, mean received attention)"
 
 
@@ -95,9 +95,6 @@ class VTCCLS(Method):
         self._scoring: VisionScoring | None = None
         self._issued: Any = None
         self._params: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "keep": self.keep, "start_layer": self.start_layer}
 
     def requires_images(self) -> bool:
         return True
@@ -299,8 +296,9 @@ def received_scores(module, hidden: torch.Tensor, mask: torch.Tensor | None) -> 
     b, n, _ = hidden.shape
     valid = _valid_keys(mask, b, n, hidden.device)
     total = torch.zeros(b, n, device=hidden.device)
-    for start in range(0, n, QUERY_CHUNK):
-        rows = slice(start, min(n, start + QUERY_CHUNK))
+    chunk = max(1, PROBE_ELEMENTS // (b * module.num_heads * n))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
         q, k = _projections(module, hidden, rows)
         probs = _apply_mask(q @ k.transpose(-1, -2) * module.scale, mask, rows).softmax(dim=-1)
         weight = valid[:, None, rows, None].float()  # padded patches ask nothing

@@ -18,5 +18,7 @@ def test_bench_pruning_smoke():
     assert 0 < fastv50["flops_reduction"] < fastv75["flops_reduction"] < 1
     assert vtc["last_layer_tokens"] == 60 + 4  # 25% of 16 image tokens, all text tokens
     assert vtc["flops_reduction"] > fastv75["flops_reduction"]  # fewer tokens in every layer, not only after K
+    assert fastv50["flops_reduction_real_depth"] > fastv50["flops_reduction"]  # 30 of 32 layers pruned, not 2 of 4
+    assert result["real_text_layers"] == 32
     for s in summary.values():
         assert all(math.isfinite(s[k]) and s[k] > 0 for k in ("prefill_s", "ttft_s", "decode_tokens_per_s"))

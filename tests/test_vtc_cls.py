@@ -8,9 +8,10 @@ import contextlib
 
 import pytest
 import torch
-from conftest import _model, batch, logits, our_hooks
+from conftest import _model, batch, logits, our_hooks, require_reference
 
 import lvlm_steer as ls
+from lvlm_steer.hooks import vtc_cls
 from lvlm_steer.hooks.vtc_cls import received_scores
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -111,7 +112,7 @@ def test_tower_without_cls_uses_mean_received_attention_through_pixel_shuffle(ar
     assert torch.equal(method.selection.kept, ref.topk(2, dim=1).indices.sort(dim=1).values)
 
 
-def test_received_scores_ignore_padded_patches():
+def test_received_scores_ignore_padded_patches(monkeypatch):
     torch.manual_seed(0)
     attn = torch.nn.Module()
     attn.num_heads, attn.head_dim, attn.scale = 2, 4, 0.5
@@ -125,6 +126,8 @@ def test_received_scores_ignore_padded_patches():
     ref = torch.stack([probs[b][:, valid[b]].mean(dim=(0, 1)) for b in range(2)])
     torch.testing.assert_close(received_scores(attn, hidden, mask), ref, **TOL)
     assert received_scores(attn, hidden, mask)[1, 4:].abs().max() == 0
+    monkeypatch.setattr(vtc_cls, "PROBE_ELEMENTS", 8)  # one query row per block: same result
+    torch.testing.assert_close(received_scores(attn, hidden, mask), ref, **TOL)
 
 
 @pytest.mark.parametrize("arch", ["llava", "idefics3"])
@@ -236,3 +239,24 @@ def test_inputs_embeds_and_missing_images_are_refused():
             steered.methods[0].prune_inputs(steered, text)
         with pytest.raises(ls.SteeringError, match="input_ids"):
             steered.methods[0].prune_inputs(steered, {"inputs_embeds": torch.zeros(1, 3, 64)})
+
+
+@pytest.mark.slow
+def test_real_smolvlm_layout_17_tiles():
+    """The benchmark model's real processor: 17 crops x 64 tokens; 25% kept per crop, k = all is the model."""
+    require_reference("smolvlm-256m-instruct")
+    from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
+
+    model, processor, _ = benchmark_model("small")
+    processor.image_processor.do_image_splitting = True
+    inputs = benchmark_inputs(processor)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 17 * 64
+    base = logits(model, inputs)
+    method = ls.VTCCLS(keep=0.25, start_layer=0)
+    with ls.steer(model, method, processor=processor) as steered:
+        pruned = logits(model, inputs)
+        assert method.selection.kept.shape == (17, 16)
+        assert pruned.shape[1] == inputs["input_ids"].shape[1] - 17 * 48
+        assert steered.stats().reduction > 0.5
+    with ls.steer(model, ls.VTCCLS(keep=1.0, start_layer=0), processor=processor):
+        assert torch.equal(logits(model, inputs), base)

@@ -27,6 +27,7 @@ import transformers
 
 import lvlm_steer as ls
 from lvlm_steer.bench.timing import ForwardTimer, median, reset_peak_rss, rss_mib
+from lvlm_steer.stats import PrefillStats
 
 DEFAULT_MODELS = ("bench", "llava15")
 MODEL_SPECS = ("bench", "bench:small", "llava15", "llava15:tiny")
@@ -36,6 +37,7 @@ LLAVA_SHAPES = {
     "full": dict(vision=(1024, 4096, 16, 336), text=(4096, 11008, 32)),
     "tiny": dict(vision=(32, 64, 2, 56), text=(64, 128, 4)),
 }
+REAL_TEXT_LAYERS = {"llava15": 32, "bench": 30}  # LLaVA-1.5-7B, SmolVLM-256M
 LLAVA_PROMPT = (35, 25)  # text tokens before the image (LLaVA's system prompt) and after it (question)
 
 
@@ -116,7 +118,18 @@ class _Clock(ForwardTimer):
             self.first_end = time.perf_counter()
 
 
-def one_run(model, processor, inputs: dict[str, Any], methods: list[ls.Method] | None, new_tokens: int) -> dict:
+def reduction_at_depth(stats: PrefillStats, depth: int) -> float:
+    """FLOPs reduction if the model had ``depth`` text layers, the extra ones seeing the last layer's tokens.
+
+    Benchmark models are cut to a few layers; FastV's reduction grows with depth ((T - K) / T of the layers are
+    pruned), so this gives the figure for the real model next to the measured one.
+    """
+    per_layer = stats.per_layer + [stats.per_layer[-1]] * max(0, depth - stats.num_layers)
+    return PrefillStats(stats.hidden_size, stats.intermediate_size, stats.unpruned, per_layer).reduction
+
+
+def one_run(model, processor, inputs: dict[str, Any], methods: list[ls.Method] | None, new_tokens: int,
+            real_depth: int | None = None) -> dict:  # fmt: skip
     """One greedy generation under ``methods`` (None: unwrapped): timings, peak memory, FLOPs reduction."""
     reset_peak_rss()
     before = rss_mib()
@@ -142,6 +155,7 @@ def one_run(model, processor, inputs: dict[str, Any], methods: list[ls.Method] |
         "generate_s": total,
         "extra_peak_rss_mib": rss_mib("VmHWM") - before,
         "flops_reduction": stats.reduction if stats is not None else 0.0,
+        "flops_reduction_real_depth": reduction_at_depth(stats, real_depth) if stats and real_depth else 0.0,
         "last_layer_tokens": stats.tokens_per_layer[-1] if stats is not None else None,
     }
 
@@ -149,18 +163,20 @@ def one_run(model, processor, inputs: dict[str, Any], methods: list[ls.Method] |
 def bench_model(spec: str, runs: int, new_tokens: int, progress=print) -> dict[str, Any]:
     progress(f"{spec}: building")
     model, processor, inputs, description, vtc_start = load(spec)
+    depth = REAL_TEXT_LAYERS[spec.split(":")[0]]
     conds = conditions(vtc_start)
     for name, methods in conds.items():
         progress(f"{spec}: warm-up {name}")
-        one_run(model, processor, inputs, methods, new_tokens)
+        one_run(model, processor, inputs, methods, new_tokens, depth)
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in conds}
     for i in range(runs):
         for name, methods in conds.items():
-            r = one_run(model, processor, inputs, methods, new_tokens)
+            r = one_run(model, processor, inputs, methods, new_tokens, depth)
             raw[name].append(r)
             progress(
                 f"{spec} run {i + 1}/{runs} {name}: prefill {r['prefill_s']:.3f} s, ttft {r['ttft_s']:.3f} s, "
-                f"decode {r['decode_tokens_per_s']:.2f} tok/s, FLOPs -{100 * r['flops_reduction']:.1f}%"
+                f"decode {r['decode_tokens_per_s']:.2f} tok/s, FLOPs -{100 * r['flops_reduction']:.1f}% "
+                f"(-{100 * r['flops_reduction_real_depth']:.1f}% at {depth} layers)"
             )
     summary = {}
     for name, rs in raw.items():
@@ -179,6 +195,7 @@ def bench_model(spec: str, runs: int, new_tokens: int, progress=print) -> dict[s
         "prompt_tokens": int(ids.shape[1]),
         "image_tokens": int((ids == model.config.image_token_id).sum()),
         "vtc_cls_start_layer": vtc_start,
+        "real_text_layers": depth,
         "summary": summary,
         "raw": raw,
     }
@@ -201,6 +218,8 @@ def run_pruning_bench(models: list[str] | tuple[str, ...] = DEFAULT_MODELS, runs
             "prefill_speedup": "unwrapped LLM prefill time / this condition's (first forward only)",
             "ttft_speedup": "time to first token, vision tower and VTC-CLS scoring included",
             "flops_speedup_bound": "1 / (1 - FLOPs reduction): the prefill speed-up if time followed FLOPs",
+            "flops_reduction_real_depth": "the FLOPs reduction at the real model's depth (extra layers see the "
+            "last layer's tokens): FastV prunes (T - K) / T of the layers, so a cut model understates it",
         },
         "models": results,
         "environment": {
