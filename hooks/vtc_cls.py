@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from lvlm_steer.steering import Steering
 
 PROBE_ELEMENTS = 1 << 23  # cap on (units x heads x query rows x keys) probabilities held at once (no-CLS towers)
-SUPPORTED = "llava (CLIP tower with CLS), idefics3 and smolvlm (SigLIP, mean received attention)"
+SUPPORTED = (
+    "llava (CLIP tower with CLS); idefics3, smolvlm, gemma3, paligemma (SigLIP towers: mean received attention)"
+)
 
 
 def _parse_keep(raw: str) -> float | int:
@@ -224,7 +226,8 @@ class VTCCLS(Method):
                 reduced[key] = _left_pack(value, keep, 0)
         chosen = features[unit_keep.flatten().to(features.device)]
         rows = (image & keep).sum(dim=1).tolist()
-        reduced["mm_encoder_outputs"] = {"image": _pooled([c for c in chosen.split(rows) if c.shape[0]])}
+        pooled = _pooled([c for c in chosen.split(rows) if c.shape[0]], like=encoded.pooler_output)
+        reduced["mm_encoder_outputs"] = {"image": pooled}
         self._issued = reduced["mm_encoder_outputs"]["image"]
         self.selection = Selection(
             scores=scores,
@@ -325,7 +328,12 @@ def _left_pack(values: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tens
     return out
 
 
-def _pooled(features: list[torch.Tensor]) -> Any:
+def _pooled(features: list[torch.Tensor], like: Any) -> Any:
+    """Kept features as pre-encoded image outputs, in the container the model's own encoder returns.
+
+    Models that take a list (one entry per image or row) get the kept features per row; models that take one
+    tensor get them as a single (1, kept, D) block (their forward scatters by element count).
+    """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return BaseModelOutputWithPooling(pooler_output=features)
+    return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None] if torch.is_tensor(like) else features)

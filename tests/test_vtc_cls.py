@@ -15,6 +15,8 @@ from lvlm_steer.hooks import vtc_cls
 from lvlm_steer.hooks.vtc_cls import received_scores
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+ALL = ["llava", "idefics3", "gemma3", "paligemma"]  # every family with a vision_scoring (smolvlm = idefics3)
+TOKENS = {"llava": 16, "idefics3": 4, "gemma3": 4, "paligemma": 16}  # image tokens per image (or crop)
 
 
 @contextlib.contextmanager
@@ -45,16 +47,25 @@ def reference_cls_scores(model, pixel_values, start: int, last: int) -> torch.Te
     return sum(attn[layer][:, :, 0, 1:].mean(dim=1) for layer in range(start, last + 1))
 
 
-def reference_received_scores(model, inputs, start: int) -> torch.Tensor:
-    """SigLIP (no CLS): mean attention each patch receives, summed over layers, summed over 2x2 shuffle groups."""
-    pv = inputs["pixel_values"].flatten(0, 1)
-    pv = pv[(pv != 0).flatten(1).any(dim=1)]  # the model drops all-zero padding images
+def reference_received_scores(model, arch: str, inputs, start: int) -> torch.Tensor:
+    """SigLIP (no CLS): mean attention each patch receives, head-mean, summed over layers start..last, then
+    grouped like the connector groups patches into tokens (Idefics3: 2x2 pixel shuffle, sum; Gemma 3: 2x2
+    average pool; PaliGemma: one token per patch)."""
+    pv = inputs["pixel_values"]
+    if arch in ("idefics3", "smolvlm"):
+        pv = pv.flatten(0, 1)
+        pv = pv[(pv != 0).flatten(1).any(dim=1)]  # the model drops all-zero padding images
+        tower = model.model.vision_model
+    else:
+        tower = model.model.vision_tower
     with eager_vision(model), torch.no_grad():
-        attn = model.model.vision_model(pixel_values=pv, output_attentions=True).attentions
+        attn = tower(pixel_values=pv, output_attentions=True).attentions
     patches = sum(attn[layer].mean(dim=(1, 2)) for layer in range(start, len(attn)))  # (units, 16)
-    side, s = 4, model.config.scale_factor
-    grid = patches.view(-1, side // s, s, side // s, s)  # (u, block row, row in block, block col, col in block)
-    return grid.sum(dim=(2, 4)).flatten(1)
+    if arch == "paligemma":
+        return patches
+    grid = patches.view(-1, 2, 2, 2, 2)  # (unit, block row, row in block, block col, col in block): 4x4 patches
+    tokens = grid.sum(dim=(2, 4)).flatten(1)
+    return tokens / 4 if arch == "gemma3" else tokens
 
 
 def test_kept_tokens_are_topk_of_reference_cls_score_and_llm_gets_them():
@@ -100,14 +111,14 @@ def test_penultimate_feature_layer_scores_only_layers_up_to_it():
         assert our_hooks(model) == hooks
 
 
-@pytest.mark.parametrize("arch", ["idefics3", "smolvlm"])
-def test_tower_without_cls_uses_mean_received_attention_through_pixel_shuffle(arch):
+@pytest.mark.parametrize("arch", ["idefics3", "smolvlm", "gemma3", "paligemma"])
+def test_tower_without_cls_uses_mean_received_attention_through_the_connector(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
     method = ls.VTCCLS(keep=2, start_layer=0)
     with ls.steer(model, method):
         logits(model, inputs)
-    ref = reference_received_scores(model, inputs, 0)
+    ref = reference_received_scores(model, arch, inputs, 0)
     torch.testing.assert_close(method.selection.scores, ref, **TOL)
     assert torch.equal(method.selection.kept, ref.topk(2, dim=1).indices.sort(dim=1).values)
 
@@ -130,7 +141,7 @@ def test_received_scores_ignore_padded_patches(monkeypatch):
     torch.testing.assert_close(received_scores(attn, hidden, mask), ref, **TOL)
 
 
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
+@pytest.mark.parametrize("arch", ALL)
 def test_keep_all_is_the_unwrapped_model(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
@@ -138,12 +149,11 @@ def test_keep_all_is_the_unwrapped_model(arch):
     with ls.steer(model, ls.VTCCLS(keep=1.0, start_layer=0)) as steered:
         assert torch.equal(logits(model, inputs), base)
         assert steered.stats().reduction == 0
-    per_unit = 16 if arch == "llava" else 4
-    with ls.steer(model, ls.VTCCLS(keep=per_unit, start_layer=1)):
+    with ls.steer(model, ls.VTCCLS(keep=TOKENS[arch], start_layer=1)):
         assert torch.equal(logits(model, inputs), base)
 
 
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
+@pytest.mark.parametrize("arch", ALL)
 def test_left_padded_batch_equals_single_rows(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
@@ -161,7 +171,7 @@ def test_left_padded_batch_equals_single_rows(arch):
     assert 0 < stats.reduction < 1
 
 
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
+@pytest.mark.parametrize("arch", ALL)
 def test_cached_generate_matches_uncached_reforward(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
