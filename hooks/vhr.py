@@ -8,30 +8,31 @@ outliers (VHD set to 0); the heads with VHD above the layer's median are multipl
 ``o_proj``, in both streams, before the next target layer is scored. The chosen heads stay fixed for the rest
 of the generation (every position, every step), so the KV cache stays consistent.
 
-Both streams run as one batch (`lvlm_steer.paired_batch`): the with-image rows, then their text-only
-variants. The text-only rows cost extra only at prefill: afterwards their cache rows are dropped and
-decoding continues with the with-image rows alone (one extra `generate` call that resumes from the cache).
+The two streams run in lockstep without padding the short text-only prompt to the long image prompt: at each
+prefill a text-only forward (the adapter's `text_only`, steering paused) records what the model hands each
+decoder layer (its input hidden states at layer 0, the masks and position embeddings at every layer). Then,
+inside the image forward, each decoder layer up to the last target layer is also run on the text-only hidden
+states, at the moment the image rows reach that layer's ``o_proj``: both last-position head outputs are there,
+the heads are chosen, both streams are scaled, and both go on. The model's own layers do all the work, with
+the arguments the model itself built; the extra cost is two text-only passes at prefill (a few percent of an
+image prompt), nothing at decode, and it works inside plain ``model(...)`` and ``model.generate(...)``.
 Statistics: ``std`` is the sample standard deviation (torch's default); ``median`` is the lower middle value,
 so "above the median" keeps the top half of an even number of heads.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from lvlm_steer.errors import MethodConfigError, MissingImagesError, SteeringError
-from lvlm_steer.heads import add_head_output_hook
+from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
-from lvlm_steer.paired_batch import keep_rows, paired_batch
 from lvlm_steer.registry import register_method
 
 LAST_SHARE = 0.44  # paper: layer 1 plus the last 14 of 32 layers; other depths keep the same share
-STEP_FIELDS = ("scores", "logits", "attentions", "hidden_states")  # per-step tuples in generate's output
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -119,9 +120,9 @@ class VHR(Method):
                     "vhr: the target-layer set is empty; pass e.g. layers=1+18-31, or leave layers out for the "
                     "paper's default (layer 1 plus the last 44% of layers)"
                 )
-        self.gains: dict[int, torch.Tensor] = {}  # layer -> (B, H) gains of the current generation
+        self.gains: dict[int, torch.Tensor] = {}  # layer -> (B, H) gains chosen at the last prefill
         self.vhd: dict[int, torch.Tensor] = {}  # layer -> (B, H) VHD after outlier zeroing, for inspection
-        self._pair_rows: int | None = None  # B while a paired (with-image + text-only) prefill runs
+        self._text: _TextStream | None = None  # the text-only stream while a prefill is choosing heads
 
     @property
     def neutral(self) -> bool:
@@ -133,7 +134,7 @@ class VHR(Method):
     def validate(self, info: ModelInfo) -> None:
         layers = self.target_layers(info)
         if not layers:
-            raise MethodConfigError("vhr: no target layers; pass e.g. layers=1+18-31, or leave layers empty")
+            raise MethodConfigError("vhr: no target layers; pass e.g. layers=1+18-31, or leave layers out")
         bad = [layer for layer in layers if not 0 <= layer < info.num_layers]
         if bad:
             raise MethodConfigError(
@@ -141,25 +142,41 @@ class VHR(Method):
                 f"(default for it: {format_layers(default_layers(info.num_layers))})"
             )
 
+    def requires_images(self) -> bool:
+        return True
+
     def claims(self, info: ModelInfo) -> set:
         return {("head", layer, h) for layer in self.target_layers(info) for h in range(info.num_heads)}
 
     def attach(self, steering) -> list:
         if self.neutral:
             return []
-        return [
-            add_head_output_hook(steering, layer, self._editor(layer)) for layer in self.target_layers(steering.info)
-        ]
+        targets = frozenset(self.target_layers(steering.info))
+        layers = steering.adapter.layers()[: max(targets) + 1]
+        handles = []
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True))
+            handles.append(
+                steering.adapter.o_proj(i).register_forward_pre_hook(self._o_proj_hook(steering, i, targets))
+            )
+        return handles
 
     def reset(self) -> None:
-        self.gains, self.vhd = {}, {}
+        self.gains, self.vhd, self._text = {}, {}, None
 
     def prepare(self, steering, forward_kwargs: dict[str, Any]) -> None:
-        if self._pair_rows is None and not self.neutral:
-            raise SteeringError(
-                "vhr chooses its heads in a prefill that pairs each row with its text-only variant; call "
-                "steered.generate(**inputs) (or VHR.prefill_logits(steered, **inputs)) instead of the model directly"
-            )
+        """At each prefill: record the text-only stream's layer inputs (one paused text-only forward)."""
+        if self.neutral:
+            return
+        text = steering.adapter.text_only(forward_kwargs)
+        stream = _TextStream(last_layer=max(self.target_layers(steering.info)))
+        self._text = stream
+        stream.recording = True
+        try:
+            with steering.pause():
+                steering.model(**text, use_cache=False)
+        finally:
+            stream.recording = False
 
     def heads(self) -> list[dict[int, tuple[int, ...]]]:
         """Per batch row, the heads chosen at the last prefill: ``{layer: (heads...)}``."""
@@ -171,149 +188,81 @@ class VHR(Method):
             for b in range(rows)
         ]
 
-    # -- the hook -----------------------------------------------------------------------------------------
-    def _editor(self, layer: int):
-        def edit(x: torch.Tensor) -> torch.Tensor:  # (B', q, H, D)
-            n = self._pair_rows
-            if n is not None and layer not in self.gains:  # paired prefill: score, choose, then scale both streams
-                if x.shape[0] != 2 * n:
-                    raise RuntimeError(f"vhr: expected {2 * n} paired rows at layer {layer}, got {x.shape[0]}")
-                gains, vhd = select_heads(x[:n, -1], x[n:, -1], self.alpha)
-                self.gains[layer], self.vhd[layer] = gains.to(x.dtype), vhd
-            gains = self.gains.get(layer)
+    # -- hooks --------------------------------------------------------------------------------------------
+    def _recorder(self, index: int):
+        """Decoder-layer pre-hook: during the text-only forward, keep what the model hands this layer."""
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            stream = self._text
+            if stream is not None and stream.recording:
+                stream.calls[index] = (args, dict(kwargs))
+                if index == 0:
+                    stream.hidden = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _o_proj_hook(self, steering, index: int, targets: frozenset[int]):
+        info = steering.info
+        layer_module = steering.adapter.layers()[index]
+
+        def hook(module: torch.nn.Module, args: tuple):
+            x = args[0]
+            heads = x.reshape(x.shape[0], x.shape[1], info.num_heads, info.head_dim)
+            stream = self._text
+            if stream is not None and stream.replaying == index:  # the text-only stream's own call
+                if index not in targets:
+                    return None
+                gains, vhd = select_heads(stream.image_heads, heads[:, -1], self.alpha)
+                self.gains[index], self.vhd[index] = gains.to(x.dtype), vhd
+                return (_scale(heads, self.gains[index]).reshape(x.shape), *args[1:])
+            if steering.paused or (stream is not None and stream.recording):
+                return None
+            if stream is not None and stream.hidden is not None:  # a prefill choosing heads: advance the text stream
+                stream.image_heads = heads[:, -1]
+                stream.advance(steering, layer_module, index)
+                if index >= stream.last_layer:
+                    self._text = None
+            gains = self.gains.get(index)
             if gains is None:
-                raise RuntimeError(f"vhr: no heads were chosen for layer {layer}; run steered.generate(**inputs)")
-            if x.shape[0] != gains.shape[0]:
-                if x.shape[0] % gains.shape[0]:
-                    raise RuntimeError(f"vhr: heads were chosen for {gains.shape[0]} rows, got {x.shape[0]}")
-                gains = gains.repeat(x.shape[0] // gains.shape[0], 1)  # the paired prefill: both streams
-            return x * gains.to(x.device, x.dtype)[:, None, :, None]
+                if index in targets:
+                    raise RuntimeError(f"vhr: no heads chosen for layer {index}; a prefill with the image chooses them")
+                return None
+            if gains.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"vhr: heads were chosen for {gains.shape[0]} rows but this forward has {x.shape[0]}; "
+                    "start a new prefill for a new batch"
+                )
+            return (_scale(heads, gains).reshape(x.shape), *args[1:])
 
-        return edit
+        return hook
 
-    # -- running ------------------------------------------------------------------------------------------
-    def prefill_logits(self, steering, **inputs: Any) -> torch.Tensor:
-        """Logits (B, L, V) of one forward over the prompt with the heads chosen in it (the first step's logits)."""
-        model = steering.model
-        if self.neutral:
-            return model(**inputs).logits
-        rows = self._check_batch(steering, inputs)
-        paired = paired_batch(steering.adapter, inputs)
-        self._pair_rows = rows
-        try:
-            out = model(**paired, use_cache=False)
-        finally:
-            self._pair_rows = None
-        keep_rows(steering, rows)
-        return out.logits[:rows]
 
-    def generate(self, steering, **kwargs: Any) -> Any:
-        """Greedy or sampled generation: a paired prefill (heads chosen, first token), then the image rows alone."""
-        model = steering.model
-        if self.neutral:
-            return model.generate(**kwargs)
-        rows = self._check_batch(steering, kwargs)
-        for key in ("num_beams", "num_return_sequences"):
-            if int(kwargs.get(key) or 1) != 1:
-                raise MethodConfigError(f"vhr: {key}={kwargs[key]} is not supported; generate one sequence per row")
-        if kwargs.get("streamer") is not None or kwargs.get("past_key_values") is not None:
-            raise MethodConfigError("vhr: streamer and past_key_values are not supported; it runs its own prefill")
-        config = kwargs.get("generation_config") or model.generation_config
-        prompt_len = kwargs["input_ids"].shape[1]
-        max_length = kwargs.pop("max_length", None)
-        max_new = kwargs.pop("max_new_tokens", None) or (
-            max_length - prompt_len if max_length else config.max_new_tokens or config.max_length - prompt_len
-        )
-        min_new = kwargs.pop("min_new_tokens", None) or config.min_new_tokens or 0
-        want_dict = kwargs.pop("return_dict_in_generate", None) or config.return_dict_in_generate
+class _TextStream:
+    """The text-only stream of one prefill: its recorded layer inputs and its hidden states so far."""
 
-        self._pair_rows = rows
-        try:
-            first = model.generate(
-                **paired_batch(steering.adapter, kwargs),
-                max_new_tokens=1,
-                min_new_tokens=min(1, min_new),
-                return_dict_in_generate=True,
-            )
-        finally:
-            self._pair_rows = None
-        cache = first.past_key_values
-        keep_rows(steering, rows, cache)
-        sequences = first.sequences[:rows]
-        eos = kwargs.get("eos_token_id", config.eos_token_id)
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
-        done = torch.isin(sequences[:, -1].cpu(), eos)
-        if max_new <= 1 or bool(done.all()):
-            return _assemble(first, None, sequences, rows) if want_dict else sequences
+    def __init__(self, last_layer: int) -> None:
+        self.last_layer = last_layer
+        self.recording = False
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.hidden: torch.Tensor | None = None
+        self.image_heads: torch.Tensor | None = None
+        self.replaying: int | None = None
 
-        forward_params = inspect.signature(model.forward).parameters
-        carried = {k: v for k, v in kwargs.items() if k not in forward_params or not _is_tensor_input(v)}
-        carried.pop("mm_encoder_outputs", None)
-        second = model.generate(
-            **carried,
-            **self._continuation(steering, kwargs, sequences),
-            past_key_values=cache,
-            max_new_tokens=max_new - 1,
-            min_new_tokens=max(0, min_new - 1),
-            return_dict_in_generate=True,
-        )
-        sequences = second.sequences
-        if bool(done.any()):  # rows that ended at the first step: padded like generate pads finished rows
-            pad = kwargs.get("pad_token_id", config.pad_token_id)
-            pad = int(eos[0]) if pad is None else int(pad)
-            sequences[done.to(sequences.device), prompt_len + 1 :] = pad
-        return _assemble(first, second, sequences, rows) if want_dict else sequences
-
-    # -- helpers ------------------------------------------------------------------------------------------
-    def _check_batch(self, steering, inputs: dict[str, Any]) -> int:
-        ids = inputs.get("input_ids")
-        problem = None
-        if ids is None:
-            problem = "the batch has no input_ids (inputs_embeds alone hide where the image tokens are); pass input_ids"
+    def advance(self, steering, layer: torch.nn.Module, index: int) -> None:
+        """Run decoder layer ``index`` on the text-only hidden states (steering paused but for VHR's own hook)."""
+        args, kwargs = self.calls[index]
+        if args:
+            args = (self.hidden, *args[1:])
         else:
-            mask = inputs.get("attention_mask")
-            has = steering.adapter.image_mask(ids) & (
-                torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            )
-            missing = [b for b, ok in enumerate(has.any(dim=1).tolist()) if not ok]
-            if missing:
-                problem = f"batch rows {missing} contain no image tokens; give every row an image"
-        if problem is None:
-            return int(ids.shape[0])
-        steering.remove()
-        raise MissingImagesError(
-            f"vhr compares each row with and without its image: {problem}. "
-            "The steering was removed; call steer() again with a valid batch."
-        )
-
-    @staticmethod
-    def _continuation(steering, inputs: dict[str, Any], sequences: torch.Tensor) -> dict[str, Any]:
-        """Text inputs for resuming from the cache: the prompt plus the first token, no vision inputs."""
-        extended = steering.adapter.extend_inputs(inputs, sequences)
-        keys = ("input_ids", "attention_mask", *steering.adapter.token_inputs)
-        return {k: extended[k] for k in keys if isinstance(extended.get(k), torch.Tensor)}
+            kwargs = {**kwargs, "hidden_states": self.hidden}
+        self.replaying = index
+        try:
+            with steering.pause():
+                out = layer(*args, **kwargs)
+        finally:
+            self.replaying = None
+        self.hidden = out[0] if isinstance(out, tuple) else out
 
 
-def _is_tensor_input(value: Any) -> bool:
-    return isinstance(value, (torch.Tensor, list, tuple, dict)) or hasattr(value, "keys")
-
-
-def _assemble(first: Any, second: Any, sequences: torch.Tensor, rows: int) -> Any:
-    """One generate output from the paired first step (its first ``rows`` rows) and the continuation."""
-    out = second if second is not None else first
-    for name in STEP_FIELDS:
-        head = getattr(first, name, None)
-        if head is None:
-            continue
-        tail = tuple(getattr(second, name, None) or ()) if second is not None else ()
-        setattr(out, name, (_rows(head[0], rows), *tail))
-    out.sequences = sequences
-    return out
-
-
-def _rows(value: Any, rows: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[:rows]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, rows) for v in value)
-    return value
+def _scale(heads: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    return heads * gains.to(heads.device, heads.dtype)[:, None, :, None]

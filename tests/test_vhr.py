@@ -3,7 +3,8 @@
 The reference runs, for each target layer in order, the with-image and the text-only prompt as two separate
 forwards of the unwrapped model with the gains chosen so far (plain torch hooks on ``o_proj``), reads the last-
 position head outputs of that layer, zeroes the outliers and picks the heads above the median with plain
-Python statistics. The fast path does all of it in one paired forward and then decodes from the cache.
+Python statistics. The fast path does all of it inside one forward of the image batch (replaying each decoder
+layer on the text-only stream) and then decodes from the cache.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from conftest import _model, batch, greedy_with_logits, logits, our_hooks
 
 import lvlm_steer as ls
-from lvlm_steer.errors import MethodConfigError, MethodSpecError, MissingImagesError, SteeringError
+from lvlm_steer.errors import MethodConfigError, MethodSpecError, MissingImagesError
 from lvlm_steer.hooks.vhr import default_layers, parse_layers, select_heads
 from lvlm_steer.steering import _ACTIVE
 from lvlm_steer.testing import ARCHITECTURES
@@ -103,8 +104,8 @@ def test_prefill_matches_reference(arch):
     inputs = batch(processor)
     layers = (0, 1, 2)
     vhr = ls.VHR(alpha=2.0, layers=layers)
-    with torch.no_grad(), ls.steer(model, vhr) as steered:
-        fast = vhr.prefill_logits(steered, **inputs)
+    with ls.steer(model, vhr):
+        fast = logits(model, inputs)
     gains = reference_gains(model, inputs, layers)
     ref, _ = _run(model, inputs, gains)
     valid = inputs["attention_mask"].bool()
@@ -143,8 +144,7 @@ def test_every_architecture_matches_reference(arch):
     inputs = batch(processor)
     vhr = ls.VHR()
     with ls.steer(model, vhr) as steered:
-        with torch.no_grad():
-            fast = vhr.prefill_logits(steered, **inputs)
+        fast = logits(model, inputs)
         heads = vhr.heads()
         sequences, steps = _generate(steered, inputs, model)
         assert vhr.heads() == heads
@@ -184,26 +184,45 @@ def test_alpha_one_is_identical(arch):
     with torch.no_grad():
         base_seq, base_steps = greedy_with_logits(model, inputs, steps=STEPS)
     vhr = ls.VHR(alpha=1.0)
-    with torch.no_grad(), ls.steer(model, vhr) as steered:
-        assert torch.equal(vhr.prefill_logits(steered, **inputs), base)
+    with ls.steer(model, vhr) as steered:
+        assert torch.equal(logits(model, inputs), base)
         seq, steps = _generate(steered, inputs, model)
     assert torch.equal(seq, base_seq)
     assert torch.equal(steps, base_steps)
 
 
-def test_eval_style_generate_returns_sequences():
-    """The eval runner's call: plain kwargs, a tensor back; rows that stop at the first step are padded."""
+def test_plain_generate_and_eval_style_calls():
+    """No special entry point: model.generate, steered.generate (the eval runner's call) and a plain forward agree."""
     model, processor = _model("llava")
     inputs = batch(processor)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     with ls.steer(model, ls.VHR()) as steered, torch.inference_mode():
-        out = steered.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        assert isinstance(out, torch.Tensor) and out.shape[1] <= inputs["input_ids"].shape[1] + 3
-        first = steered.generate(**inputs, max_new_tokens=1, do_sample=False)
-        assert torch.equal(first, out[:, : first.shape[1]])
-        stop = int(out[0, inputs["input_ids"].shape[1]])  # row 0's first token as EOS: row 0 ends at step 1
-        ended = steered.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=stop, pad_token_id=7)
-    prompt = inputs["input_ids"].shape[1]
-    assert int(ended[0, prompt]) == stop and (ended[0, prompt + 1 :] == 7).all()
+        direct = model.generate(**inputs, **kwargs)
+        heads = steered.methods[0].heads()
+        via_handle = steered.generate(**inputs, **kwargs)
+        assert steered.methods[0].heads() == heads
+        first = model(**inputs).logits[:, -1].argmax(-1)
+    assert isinstance(via_handle, torch.Tensor) and torch.equal(direct, via_handle)
+    assert torch.equal(first, direct[:, inputs["input_ids"].shape[1]])
+
+
+def test_text_stream_costs_little():
+    """The text-only rows run on their own (recorded once, replayed once), never padded to the image prompt."""
+    model, processor = _model("llava")
+    inputs = batch(processor)
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((args or (kwargs["hidden_states"],))[0].shape[:2])
+
+    handle = ls.adapter_for(model).layers()[0].register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with ls.steer(model, ls.VHR()):
+            logits(model, inputs)
+    finally:
+        handle.remove()
+    text_len = ls.adapter_for(model).text_only(inputs)["input_ids"].shape[1]
+    assert sorted(seen) == [(2, text_len), (2, text_len), (2, inputs["input_ids"].shape[1])]
 
 
 # -- the selection rule ---------------------------------------------------------------------------------------------
@@ -266,18 +285,6 @@ def test_batch_without_images_is_refused(arch):
     with pytest.raises(MissingImagesError, match=r"rows \[0, 1\] contain no image tokens; give every row an image"):
         steered.generate(**text, max_new_tokens=2)
     assert not steered.active and our_hooks(model) == before and model not in _ACTIVE
-
-
-def test_direct_model_call_is_refused():
-    """The heads come from a paired prefill that only the handle runs; calling the model directly says so."""
-    model, processor = _model("llava")
-    inputs = batch(processor)
-    before = our_hooks(model)
-    steered = ls.steer(model, ls.VHR())
-    with pytest.raises(SteeringError, match=r"call steered\.generate"):
-        model.generate(**inputs, max_new_tokens=2)
-    assert not steered.active and our_hooks(model) == before
-    assert torch.equal(logits(model, inputs), logits(model, inputs))
 
 
 def test_conflicts_with_head_edits_on_its_layers():

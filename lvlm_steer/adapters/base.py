@@ -154,15 +154,6 @@ class Adapter:
                     stream_state[path] = getattr(owner, name)
                 setattr(owner, name, outer)
 
-    def select_state_rows(self, rows: torch.Tensor) -> None:
-        """Keep batch rows ``rows`` of the `stateful_attributes` a forward cached (after a prefill of extra rows)."""
-        for path in self.stateful_attributes:
-            owner_path, _, name = path.rpartition(".")
-            owner = _resolve(self.model, owner_path) if owner_path else self.model
-            value = getattr(owner, name, None) if owner is not None else None
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > int(rows.max()):
-                setattr(owner, name, value[rows.to(value.device)])
-
     # -- tokens ---------------------------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
