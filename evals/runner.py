@@ -156,14 +156,17 @@ class Runner:
 
         images = [[Image.open(item.image).convert("RGB")] for item in batch]
         texts = [chat_text(self.processor, item.prompt) for item in batch]
-        return dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
+        inputs = dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
+        # the raw image and question per row, for methods that refine the image itself (CARVE)
+        return inputs | {"images": [group[0] for group in images], "questions": [item.prompt for item in batch]}
 
     def _generate(self, steering, inputs: dict[str, Any]) -> list[str]:
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        raw = {k: inputs.pop(k) for k in ("images", "questions") if k in inputs}  # Steering.generate routes them
         kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self._pad_id)
         with torch.inference_mode():
-            out = steering.generate(**inputs, **kwargs) if steering else self.model.generate(**inputs, **kwargs)
+            out = steering.generate(**inputs, **raw, **kwargs) if steering else self.model.generate(**inputs, **kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return [a.strip() for a in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     batt.add_argument("--runs", type=int, default=3)
     batt.add_argument("--decode-steps", type=int, default=64)
     batt.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    bvc = bench_sub.add_parser("vhr-carve", help="seconds per sample: baseline greedy vs VHR vs CARVE")
+    bvc.add_argument("--variant", default="full", choices=["full", "small"])
+    bvc.add_argument("--runs", type=int, default=3)
+    bvc.add_argument("--new-tokens", type=int, default=32)
+    bvc.add_argument("--capture-steps", type=int, default=32, help="CARVE's captured steps per prompt")
+    bvc.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     bpr = bench_sub.add_parser("pruning", help="FastV and VTC-CLS vs unwrapped: prefill, decode, memory, FLOPs")
     bpr.add_argument("--model", action="append", default=None, help="bench, bench:small, llava15 (default: both full)")
     bpr.add_argument("--runs", type=int, default=3)
@@ -214,6 +220,10 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         from lvlm_steer.bench.overhead import run_overhead
 
         return run_overhead(args.variant, args.runs, args.new_tokens, progress=progress)
+    if args.bench == "vhr-carve":
+        from lvlm_steer.bench.vhr_carve import run_vhr_carve_bench
+
+        return run_vhr_carve_bench(args.variant, args.runs, args.new_tokens, args.capture_steps, progress=progress)
     if args.bench == "attention":
         from lvlm_steer.bench.attention import run_attention_bench
 
@@ -374,9 +384,13 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
 
-    def run() -> str:
+    def run(steered: ls.Steering | None = None) -> str:
+        kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            if steered is None:
+                out = model.generate(**inputs, **kwargs)
+            else:  # a multi-pass method (CARVE) may need the raw image and question
+                out = steered.generate(**inputs, images=[image], questions=[args.prompt], **kwargs)
         return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
 
     result: dict[str, Any] = {"model": args.model, "prompt": args.prompt}
@@ -385,7 +399,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if methods:
         with ls.steer(model, *methods, processor=processor) as steered:
             result["methods"] = steered.describe()
-            result["steered"] = run()
+            result["steered"] = run(steered)
     return result
 
 

@@ -309,3 +309,37 @@ def test_bad_settings_and_inputs():
     with pytest.raises(ls.MissingImagesError, match="image tokens"):
         logits(model, text_only)
     assert not steered.active and our_hooks(model) == hooks
+
+
+def test_eval_runner_and_cli_pass_the_raw_inputs(tmp_path, capsys):
+    """POPE through the eval runner (batched rows, raw images and questions routed to CARVE) and `generate`."""
+    from lvlm_steer.cli import main
+    from lvlm_steer.evals.io import read_jsonl
+    from lvlm_steer.evals.pope import build_pope
+    from lvlm_steer.evals.pope_eval import evaluate_pope
+    from lvlm_steer.evals.runner import parse_conditions
+    from lvlm_steer.testing.coco import make_coco
+
+    data = make_coco(tmp_path / "coco", n_images=2, seed=0)
+    build_pope(data["instances"], n_images=2, seed=0, out_dir=tmp_path / "pope")
+    model, processor = _model("llava")
+    conditions = parse_conditions(["none", "carve:layers=1-2,max_steps=2"])
+    evaluate_pope(
+        model,
+        processor,
+        "tiny:llava",
+        [tmp_path / "pope" / "coco_pope_random.json"],
+        data["images_dir"],
+        conditions,
+        tmp_path / "out",
+        batch_size=3,
+        limit=4,
+        max_new_tokens=2,
+        progress=False,
+    )
+    records = list(read_jsonl(tmp_path / "out" / "results.jsonl"))
+    assert sorted({r["method"] for r in records}) == ["carve:layers=1-2,max_steps=2", "none"]
+    assert len(records) == 8
+    assert main(["generate", "--model", "tiny:qwen2_vl", "--image", "random", "--prompt", "What is it?",
+                 "--method", "carve:layers=1-2,max_steps=2", "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
+    assert "carve" in capsys.readouterr().out

@@ -1,0 +1,102 @@
+"""`lvlm-steer bench vhr-carve`: seconds per sample of baseline greedy, VHR and CARVE on the benchmark model.
+
+One sample is one image and one question, answered with `new_tokens` greedy tokens (forced, so every condition
+decodes the same number of steps). Conditions are interleaved within each run (their order rotates between
+runs) so that load drifts on a shared host hit them alike; run 0 is a warm-up; medians are reported.
+
+Every run uses a fresh image, so ``carve`` pays for both capture passes (question and general prompt). A second
+question about the same image (``carve_second_question``, as in POPE, several questions per image) reuses the
+cached general-prompt attention and pays for the question's capture only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+QUESTION = "Describe the image."
+SECOND_QUESTION = "Is there a dog in the image?"
+TARGETS = {"vhr": 1.3, "carve": 4.0}
+
+
+def _prompt(processor: Any, image: Any, question: str) -> dict[str, Any]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=[[image]], text=[text], return_tensors="pt"))
+
+
+def run_vhr_carve_bench(
+    variant: str = "full", runs: int = 3, new_tokens: int = 32, capture_steps: int = 32, progress=print
+) -> dict[str, Any]:
+    """Time baseline / VHR / CARVE per sample; JSON-able result with medians, ratios and the targets."""
+    import lvlm_steer as ls
+    from lvlm_steer.bench.model import benchmark_image, benchmark_model
+    from lvlm_steer.bench.timing import median
+    from lvlm_steer.errors import MethodSpecError
+
+    model, processor, description = benchmark_model(variant)
+    notes = []
+    try:
+        vhr = ls.parse_spec("vhr")
+    except MethodSpecError:
+        vhr = None
+        notes.append("vhr is not registered in this checkout: skipped")
+    carve = ls.CARVE(max_steps=capture_steps)  # one instance: its A_G cache serves the second question
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def baseline(image) -> None:
+        model.generate(**_prompt(processor, image, QUESTION), **kwargs)
+
+    def with_vhr(image) -> None:
+        with ls.steer(model, vhr, processor=processor) as steered:
+            steered.generate(**_prompt(processor, image, QUESTION), **kwargs)
+
+    def with_carve(image, question=QUESTION) -> None:
+        with ls.steer(model, carve, processor=processor) as steered:
+            steered.generate(**_prompt(processor, image, question), images=[image], questions=[question], **kwargs)
+
+    conditions = {"baseline": baseline, "vhr": with_vhr, "carve": with_carve}
+    if vhr is None:
+        del conditions["vhr"]
+    names = list(conditions)
+    times: dict[str, list[float]] = {name: [] for name in [*names, "carve_second_question"]}
+    for run in range(runs + 1):
+        image = benchmark_image(seed=run)
+        order = names[run % len(names) :] + names[: run % len(names)]
+        for name in order:
+            seconds = _timed(lambda: conditions[name](image))  # noqa: B023  (called at once)
+            if run:
+                times[name].append(seconds)
+            progress(f"run {run}{' (warm-up)' if not run else ''}: {name} {seconds:.2f} s")
+        seconds = _timed(lambda: with_carve(image, SECOND_QUESTION))  # noqa: B023
+        if run:
+            times["carve_second_question"].append(seconds)
+        progress(f"run {run}: carve_second_question {seconds:.2f} s")
+    medians = {name: median(values) for name, values in times.items()}
+    base = medians["baseline"]
+    ratios = {name: value / base for name, value in medians.items()}
+    return {
+        "benchmark": "vhr-carve",
+        "model": description,
+        "variant": variant,
+        "runs": runs,
+        "new_tokens": new_tokens,
+        "carve": carve.spec(),
+        "vhr": vhr.spec() if vhr is not None else None,
+        "prompt_tokens": int(_prompt(processor, benchmark_image(), QUESTION)["input_ids"].shape[1]),
+        "seconds_per_sample": medians,
+        "runs_s": times,
+        "vs_baseline": ratios,
+        "targets": {f"{name}_vs_baseline": f"<= {limit}" for name, limit in TARGETS.items()},
+        "meets_targets": {name: ratios[name] <= limit for name, limit in TARGETS.items() if name in ratios},
+        "notes": notes,
+    }
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    return time.perf_counter() - start
