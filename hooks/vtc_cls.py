@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 PROBE_ELEMENTS = 1 << 23  # cap on (units x heads x query rows x keys) probabilities held at once (no-CLS towers)
 SUPPORTED = (
-    "llava (CLIP tower with CLS); idefics3, smolvlm, gemma3, paligemma (SigLIP towers: mean received attention)"
+    "llava, internvl (towers with CLS); idefics3, smolvlm, gemma3, paligemma (SigLIP: mean received attention)"
 )
 
 
@@ -269,9 +269,10 @@ def _projections(module, hidden: torch.Tensor, rows: slice) -> tuple[torch.Tenso
     b, n, _ = hidden.shape
     h, d = module.num_heads, module.head_dim
     q_in = hidden[:, rows]
-    q = module.q_proj(q_in).view(b, q_in.shape[1], h, d).transpose(1, 2).float()
-    k = module.k_proj(hidden).view(b, n, h, d).transpose(1, 2).float()
-    return q, k
+    q, k = module.q_proj(q_in), module.k_proj(hidden)
+    if hasattr(module, "q_norm"):  # InternViT normalises the whole projection before splitting heads
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q.view(b, q_in.shape[1], h, d).transpose(1, 2).float(), k.view(b, n, h, d).transpose(1, 2).float()
 
 
 def _apply_mask(logits: torch.Tensor, mask: torch.Tensor | None, rows: slice) -> torch.Tensor:

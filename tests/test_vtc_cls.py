@@ -15,8 +15,8 @@ from lvlm_steer.hooks import vtc_cls
 from lvlm_steer.hooks.vtc_cls import received_scores
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-ALL = ["llava", "idefics3", "gemma3", "paligemma"]  # every family with a vision_scoring (smolvlm = idefics3)
-TOKENS = {"llava": 16, "idefics3": 4, "gemma3": 4, "paligemma": 16}  # image tokens per image (or crop)
+ALL = ["llava", "idefics3", "gemma3", "paligemma", "internvl"]  # families with a vision_scoring (smolvlm: idefics3)
+TOKENS = {"llava": 16, "idefics3": 4, "gemma3": 4, "paligemma": 16, "internvl": 4}  # image tokens per image or crop
 
 
 @contextlib.contextmanager
@@ -43,7 +43,7 @@ def feature_layer(model, value: int):
 def reference_cls_scores(model, pixel_values, start: int, last: int) -> torch.Tensor:
     """Paper's score: head-mean attention of the CLS row to the patches, summed over layers start..last."""
     with eager_vision(model), torch.no_grad():
-        attn = model.model.vision_tower(pixel_values, output_attentions=True).attentions
+        attn = model.model.vision_tower(pixel_values=pixel_values, output_attentions=True).attentions
     return sum(attn[layer][:, :, 0, 1:].mean(dim=1) for layer in range(start, last + 1))
 
 
@@ -109,6 +109,37 @@ def test_penultimate_feature_layer_scores_only_layers_up_to_it():
         with pytest.raises(ls.MethodConfigError, match=r"0\.\.0"):
             ls.steer(model, ls.VTCCLS(keep=4, start_layer=1))
         assert our_hooks(model) == hooks
+
+
+@contextlib.contextmanager
+def qk_norms(model):
+    """Give the tiny InternViT random q/k RMSNorms (larger InternVL models have them), restored afterwards."""
+    attention = [layer.attention for layer in model.model.vision_tower.encoder.layer]
+    saved = [(a.q_norm, a.k_norm) for a in attention]
+    torch.manual_seed(0)
+    for a in attention:
+        a.q_norm, a.k_norm = torch.nn.RMSNorm(a.embed_dim), torch.nn.RMSNorm(a.embed_dim)
+        torch.nn.init.uniform_(a.q_norm.weight, 0.5, 2.0)
+        torch.nn.init.uniform_(a.k_norm.weight, 0.5, 2.0)
+    try:
+        yield
+    finally:
+        for a, (q, k) in zip(attention, saved, strict=True):
+            a.q_norm, a.k_norm = q, k
+
+
+def test_internvl_cls_score_with_qk_norm_through_pixel_shuffle():
+    """InternViT has a CLS token and q/k norms over the whole projection; its pixel shuffle folds 2x2 patches."""
+    model, processor = _model("internvl")
+    inputs = batch(processor)
+    method = ls.VTCCLS(keep=2, start_layer=0)
+    with qk_norms(model):
+        with ls.steer(model, method):
+            logits(model, inputs)
+        patches = reference_cls_scores(model, inputs["pixel_values"], 0, 1)  # (crops, 16): 4x4 patches
+    ref = patches.view(-1, 2, 2, 2, 2).sum(dim=(2, 4)).flatten(1)  # 2x2 blocks in raster order
+    torch.testing.assert_close(method.selection.scores, ref, **TOL)
+    assert torch.equal(method.selection.kept, ref.topk(2, dim=1).indices.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("arch", ["idefics3", "smolvlm", "gemma3", "paligemma"])
@@ -217,13 +248,16 @@ def test_bad_settings_are_refused(kwargs):
         ("llava", ls.VTCCLS(keep=17, start_layer=0), r"keep <= 16"),
         ("llava", ls.VTCCLS(keep=4, start_layer=2), r"layers 0\.\.1"),
         ("idefics3", ls.VTCCLS(keep=8, start_layer=0), r"keep <= 4"),
-        ("qwen2_vl", ls.VTCCLS(keep=2, start_layer=0), r"llava .*idefics3.*fastv"),
+        ("qwen2_vl", ls.VTCCLS(keep=2, start_layer=0), r"Qwen2-VL.*supported: llava.*idefics3.*use fastv"),
+        ("llava_next", ls.VTCCLS(keep=2, start_layer=0), r"LLaVA-NeXT.*supported: llava"),
+        ("mistral3", ls.VTCCLS(keep=2, start_layer=0), r"supported: llava"),
     ],
 )
 def test_bad_model_settings_leave_model_unwrapped(arch, method, pattern):
     model, processor = _model(arch)
     inputs = batch(processor)
-    hooks, base = our_hooks(model), logits(model, inputs)
+    base = logits(model, inputs)  # first: transformers installs its own output-capture hooks lazily
+    hooks = our_hooks(model)
     with pytest.raises(ls.MethodConfigError, match=pattern):
         ls.steer(model, method)
     assert our_hooks(model) == hooks

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, _square_tile
+from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, _square_tile
 from lvlm_steer.adapters.registry import register_adapter
 from lvlm_steer.errors import SteeringError
 
@@ -23,6 +23,23 @@ class InternVLAdapter(Adapter):
     display_name = "InternVL 3 (InternVLForConditionalGeneration)"
     markers_before = 1  # <img>
     markers_after = 1  # </img>
+
+    def vision_scoring(self) -> VisionScoring | None:
+        """InternViT: a CLS token (dropped for "default"), then a pixel shuffle folds 1/ratio^2 patches per token."""
+        if self.config.vision_feature_select_strategy != "default":
+            return None  # "full" keeps CLS, which the square pixel shuffle cannot place
+        tower = self.vision_tower()
+        attention = [layer.attention for layer in tower.encoder.layer]
+        feature_layer = self.config.vision_feature_layer % (len(attention) + 1) - 1
+        side = int(tower.embeddings.patch_embeddings.num_patches**0.5)
+        ratio = self.config.downsample_ratio
+        shuffle = self.model.model.pixel_shuffle
+
+        def to_tokens(scores: torch.Tensor) -> torch.Tensor:  # a token's score: the sum over its patches
+            grid = shuffle(scores[:, 1:].reshape(-1, side, side, 1), scale_factor=ratio)
+            return grid.reshape(grid.shape[0], -1, grid.shape[-1]).sum(dim=-1)
+
+        return VisionScoring(attention, feature_layer, True, int(self.config.image_seq_length), to_tokens)
 
     def image_tiles(self, row: torch.Tensor, inputs: dict[str, Any], row_index: int) -> list[ImageTile]:
         per_crop = int(self.config.image_seq_length)
