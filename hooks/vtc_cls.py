@@ -6,10 +6,13 @@ query to each patch, averaged over heads, is summed over those layers; the top-`
 image stay, in raster order, and the LLM gets only those image tokens. Nothing changes inside the LLM.
 
 Only the CLS row is computed (``q_cls . k^T`` from the attention module's own projections and the inputs it
-receives), never the full attention. Towers without a CLS token (SigLIP: Idefics3 / SmolVLM) use instead the
-mean attention each patch *receives* from all valid queries (computed in query chunks), and scores are mapped
-through the connector (SmolVLM's pixel shuffle: a token's score is the sum over its patches). ``keep`` applies
-per vision-tower input: an image for LLaVA, each crop (and the global image) for Idefics3 / SmolVLM.
+receives), never the full attention. Towers without a CLS token (SigLIP: Idefics3 / SmolVLM, Gemma 3, PaliGemma)
+use instead the mean attention each patch *receives* from all valid queries (a deviation from the paper, which
+needs a CLS; computed in bounded blocks of query rows). The adapter maps patch scores to image tokens the way its
+connector maps patches (SmolVLM's and InternVL's pixel shuffle: a token's score is the sum over its patches;
+Gemma 3's average pool: the mean). ``keep`` applies per vision-tower input: an image for LLaVA, Gemma 3 and
+PaliGemma, each crop (and the global image) for Idefics3 / SmolVLM and InternVL. Qwen-VL (fused qkv, rotary,
+no CLS), LLaVA-NeXT/OneVision (anyres tiles with newline features) and Mistral 3 are refused with this list.
 
 Shortening the prompt inside ``generate`` would break its bookkeeping (attention mask, cache positions), so the
 method owns generation: `Steering.generate` scores and selects, builds the reduced batch (image tokens dropped,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from lvlm_steer.bench.pruning import run_pruning_bench
@@ -22,3 +23,14 @@ def test_bench_pruning_smoke():
     assert result["real_text_layers"] == 32
     for s in summary.values():
         assert all(math.isfinite(s[k]) and s[k] > 0 for k in ("prefill_s", "ttft_s", "decode_tokens_per_s"))
+
+
+def test_bench_pruning_cli(tmp_path, capsys):
+    from lvlm_steer.cli import main
+
+    out = tmp_path / "pruning.json"
+    args = ["bench", "pruning", "--model", "llava15:tiny", "--runs", "1", "--new-tokens", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["models"]["llava15:tiny"]["summary"]["vtc_cls_keep0.25"]["flops_reduction"] > 0
+    assert main(["bench", "pruning", "--model", "llava16"]) == 2
+    assert "choose from" in capsys.readouterr().err
