@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sub.add_parser("methods", help="list methods with their parameters and defaults")
+    demo = sub.add_parser("demo", help="every method vs none on the built-in testbed (POPE + CHAIR), offline")
+    demo.add_argument("--out", type=Path, default=Path("lvlm-steer-demo"), help="report and data folder")
+    demo.add_argument("--limit", type=int, default=None, help="questions per POPE split and CHAIR images (quick)")
+    demo.add_argument("--method", action="append", default=None, metavar="SPEC", help="only these conditions")
+    demo.add_argument("--no-progress", action="store_true")
     sub.add_parser("models", help="list supported architectures")
 
     ev = sub.add_parser("eval", help="hallucination evals (POPE, CHAIR) with one or more methods")
@@ -367,7 +372,11 @@ def _load(args: argparse.Namespace):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="path or Hub id, tiny:<arch> (random test model), or bench[:small]")
+    p.add_argument(
+        "--model",
+        default="builtin:testbed",
+        help="path or Hub id, builtin:testbed (the shipped testbed, default), tiny:<arch> (random), or bench[:small]",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, or flash_attention_2")
@@ -478,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_report(args.runs, args.out)
             print(paths["markdown"].read_text())
             print("written: " + ", ".join(str(p) for p in paths.values()))
+        elif args.command == "demo":
+            from lvlm_steer.demo import run_demo
+
+            run_demo(args.out, args.limit, args.method, progress=not args.no_progress)
         elif args.command == "methods":
             print(cmd_methods())
         elif args.command == "models":

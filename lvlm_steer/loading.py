@@ -1,4 +1,5 @@
-"""Turn a CLI model spec into (model, processor): a path or Hub id, ``tiny:<arch>``, or ``bench[:small]``."""
+"""Turn a CLI model spec into (model, processor): a path or Hub id, ``tiny:<arch>``, ``builtin:testbed`` (the shipped
+testbed model), or ``bench[:small]``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def load_model(
                 f"unknown tiny architecture {arch!r}; choose one of {', '.join(closest_first(arch, ARCHITECTURES))}"
             )
         model, processor = tiny_model(arch)
+    elif spec == "builtin:testbed":
+        from lvlm_steer.testbed import load_testbed
+
+        model, processor = load_testbed()
     elif spec == "bench" or spec.startswith("bench:"):
         from lvlm_steer.bench.model import benchmark_model
 

@@ -1,0 +1,146 @@
+"""Train the testbed model: ``python -m lvlm_steer.testbed.train --out DIR``.
+
+Stage 1 (text only): the language model learns the captions' language and their co-occurrence prior, as a
+pretrained LLM would. Stage 2 (multimodal): captions plus yes/no questions, the question wording moving from the
+class word last to the exact POPE prompt (the exact wording alone sits on an always-"yes" plateau for thousands of
+steps). Deterministic given the seed and thread count; checkpoints every ``--ckpt-every`` steps and resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .build import POPE_SUFFIX, build_model, build_processor
+from .data import collate, make_samples
+from .world import NAMES, WorldConfig, render, sample_scene
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def probe_set(processor, n: int = 128, seed: int = 99) -> tuple[dict, torch.Tensor]:
+    """Held-out exact-POPE-wording questions (half yes) for progress logs: (inputs, labels 1=yes)."""
+    rng = random.Random(f"testbed-probe-{seed}")
+    names = list(NAMES.values())
+    images, texts, labels = [], [], []
+    for i in range(n):
+        scene = sample_scene(rng)
+        yes = i % 2 == 0
+        name = rng.choice(scene.objects if yes else [x for x in names if x not in scene.objects])
+        art = ("an " if name[0] in "aeiou" else "a ") + name
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                 "text": f"Is there {art} in the image? {POPE_SUFFIX}"}]}]  # fmt: skip
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
+        images.append([render(scene)])
+        labels.append(int(yes))
+    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt")), torch.tensor(labels)
+
+
+@torch.no_grad()
+def probe_accuracy(model, processor, probe) -> tuple[float, float]:
+    """(accuracy, share answered yes) of the first generated token on the probe set."""
+    inputs, labels = probe
+    model.eval()
+    logits = model(**inputs).logits[:, -1]
+    model.train()
+    tok = processor.tokenizer
+    yes_id, no_id = tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")
+    top = logits.argmax(-1)
+    said_yes = top == yes_id
+    said = torch.where(said_yes, 1, torch.where(top == no_id, 0, -1))
+    return (said == labels).float().mean().item(), said_yes.float().mean().item()
+
+
+def train(
+    out: Path, steps: int = 12000, text_steps: int = 500, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
+    weight_decay: float = 0.01, seed: int = 0, ckpt_every: int = 500, log_every: int = 100,
+    max_minutes: float | None = None, resume: bool = True, threads: int = 2,
+) -> Path:  # fmt: skip
+    """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    ckpt, start = out / "ckpt.pt", 0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+        print(f"resumed at step {start}", flush=True)
+    probe = probe_set(processor)
+    cfg, t0, total = WorldConfig(), time.time(), text_steps + steps
+    seen, running = 0, 0.0
+    for step in range(start, total):
+        text_only = step < text_steps
+        progress = 0.0 if text_only else (step - text_steps) / max(1, steps)
+        rng = random.Random(f"testbed-train-{seed}-{step}")
+        data = collate(processor, make_samples(rng, batch, text_only, progress, cfg))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, lr, warmup)
+        loss = model(**data).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += batch
+        running += loss.item()
+        done = step + 1
+        if done % log_every == 0:
+            elapsed = time.time() - t0
+            msg = f"step {done}/{total} loss {running / log_every:.4f} {seen / elapsed:.1f} samples/s {elapsed:.0f}s"
+            if not text_only:
+                acc, yes = probe_accuracy(model, processor, probe)
+                msg += f" probe-acc {acc:.3f} yes-share {yes:.2f}"
+            print(msg, flush=True)
+            running = 0.0
+        over = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+        if done % ckpt_every == 0 or done == total or over:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+        if over:
+            print(f"wall-clock cap reached at step {done}", flush=True)
+            break
+    final = out / "final"
+    model.eval()
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    print(f"saved {final} after {time.time() - t0:.0f}s", flush=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("testbed_run"))
+    ap.add_argument("--steps", type=int, default=12000, help="multimodal steps")
+    ap.add_argument("--text-steps", type=int, default=500, help="text-only steps first")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt-every", type=int, default=500)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-resume", action="store_true")
+    a = ap.parse_args(argv)
+    train(
+        a.out, a.steps, a.text_steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed, a.ckpt_every, a.log_every,
+        a.max_minutes, not a.no_resume, a.threads,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
