@@ -67,11 +67,20 @@ class _CaptureDone(Exception):
 
 @dataclass
 class Attention:
-    """One capture run: ``rows`` (steps, layers, image cells) head-mean attention, and the generated ``tokens``."""
+    """One capture run: ``rows`` (steps, layers, image cells) head-mean attention, and the generated ``tokens``.
+
+    ``complete`` is False when the run was cut short by a step limit below `CARVE.max_steps` (pairing with a
+    shorter run needs no more steps); such a run may be too short for a later, longer pairing.
+    """
 
     rows: torch.Tensor
     tokens: list[int]
     prompt_ids: torch.Tensor
+    complete: bool = True
+
+    @property
+    def steps(self) -> int:
+        return int(self.rows.shape[0])
 
 
 class _Capture:
@@ -169,11 +178,17 @@ class CARVE(Method):
                 raise _CaptureDone
         return call.base()
 
-    def capture(self, steering, image: Image.Image, prompts: list[str]) -> tuple[list[Attention], list]:
+    def capture(
+        self, steering, image: Image.Image, prompts: list[str], limit: int | None = None, paired: bool = False
+    ) -> tuple[list[Attention], list]:
         """Greedy capture runs of ``prompts`` about one image, sharing the prefill of their common prefix.
 
-        Returns one `Attention` per prompt and the image's grid tiles (the columns of ``rows`` in tile order).
+        Each run stops at EOS or after ``limit`` (default `max_steps`) steps; with ``paired``, the runs after the
+        first stop after as many steps as the first took (the contrast pairs step t with step t, so later steps
+        would never be used). Returns one `Attention` per prompt and the image's grid tiles (the columns of
+        ``rows``, in tile order).
         """
+        limit = self.max_steps if limit is None else min(limit, self.max_steps)
         processor = _need_processor(steering)
         model = steering.model
         encs = [dict(processor(images=[[image]], text=[_chat(processor, p, 1)], return_tensors="pt")) for p in prompts]
@@ -208,11 +223,16 @@ class CARVE(Method):
                 cache = shared if n == len(encs) - 1 else copy.deepcopy(shared)
                 feed = {k: enc[k][:, prefix:] for k in token_keys} | ({} if prefix else vision)
                 cap = _Capture(layers, torch.cat([t.positions.flatten() for t in tiles]))
-                tokens = self._greedy(steering, cap, _to(feed, device), cache, cache_kw, extra, prefix, token_keys)
-                runs.append(Attention(cap.stacked(), tokens, enc["input_ids"]))
+                steps = runs[0].steps if paired and runs else limit
+                tokens = self._greedy(
+                    steering, cap, steps, _to(feed, device), cache, cache_kw, extra, prefix, token_keys
+                )
+                rows = cap.stacked()
+                cut = rows.shape[0] == steps < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))
+                runs.append(Attention(rows, tokens, enc["input_ids"], complete=not cut))
         return runs, tiles
 
-    def _greedy(self, steering, cap, feed, cache, cache_kw, extra, prefix, token_keys) -> list[int]:
+    def _greedy(self, steering, cap, limit, feed, cache, cache_kw, extra, prefix, token_keys) -> list[int]:
         eos = _eos_ids(steering.model)
         banned = [steering.adapter.image_token_id]
         generated_type = steering.adapter.generated_token_type
@@ -220,9 +240,9 @@ class CARVE(Method):
         tokens: list[int] = []
         self._capture = cap
         try:
-            for t in range(self.max_steps):
+            for t in range(limit):
                 cap.steps.append({})
-                cap.stop_after = cap.layers[-1] if t == self.max_steps - 1 else None
+                cap.stop_after = cap.layers[-1] if t == limit - 1 else None
                 try:
                     out = steering.model(**feed, **{cache_kw: cache}, use_cache=True, **extra)
                 except _CaptureDone:
@@ -265,14 +285,19 @@ class CARVE(Method):
         image = image.convert("RGB")
         key = (_image_key(image), self.general_prompt, self.max_steps, self.layer_range(steering.info))
         general = self._general.get(key) if self.cache_general else None
-        if general is None:
-            (question_run, general), tiles = self.capture(steering, image, [question, self.general_prompt])
-            if self.cache_general:
-                self._general[key] = general
-                while len(self._general) > GENERAL_CACHE_SIZE:
-                    self._general.popitem(last=False)
+        if general is None:  # one shared prefill; G needs no more steps than Q took
+            (question_run, general), tiles = self.capture(steering, image, [question, self.general_prompt], paired=True)
         else:
-            (question_run,), tiles = self.capture(steering, image, [question])
+            (question_run,), tiles = self.capture(
+                steering, image, [question], limit=general.steps if general.complete else None
+            )
+            if question_run.steps > general.steps and not general.complete:  # the cached G run was cut too short
+                (general,), _ = self.capture(steering, image, [self.general_prompt], limit=question_run.steps)
+        if self.cache_general:
+            self._general[key] = general
+            self._general.move_to_end(key)
+            while len(self._general) > GENERAL_CACHE_SIZE:
+                self._general.popitem(last=False)
         cells = self.contrast(question_run.rows, general.rows)
         return refine_image(image, self.score(cells, tiles, image.size), self.p, self.k)
 

@@ -343,3 +343,30 @@ def test_eval_runner_and_cli_pass_the_raw_inputs(tmp_path, capsys):
     assert main(["generate", "--model", "tiny:qwen2_vl", "--image", "random", "--prompt", "What is it?",
                  "--method", "carve:layers=1-2,max_steps=2", "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
     assert "carve" in capsys.readouterr().out
+
+
+def test_general_run_stops_with_the_question_run_and_is_recaptured_when_too_short():
+    model, processor = _model("llava")
+    image = make_image(0)
+    carve = ls.CARVE(layers=(1, 2), max_steps=4)
+    config = model.generation_config
+    eos = config.eos_token_id
+    with ls.steer(model, carve, processor=processor) as steered:
+        (q, g), _ = carve.capture(steered, image, [QUESTION, carve.general_prompt])
+        assert q.steps == g.steps == 4 and q.complete and g.complete
+        assert q.tokens[1] not in g.tokens[:2]  # so that the next line ends only the question run early
+        config.eos_token_id = q.tokens[1]
+        try:
+            (q2, g2), _ = carve.capture(steered, image, [QUESTION, carve.general_prompt], paired=True)
+            assert q2.steps == g2.steps == 2 and q2.complete and not g2.complete
+            torch.testing.assert_close(g2.rows, g.rows[:2], atol=1e-6, rtol=0)
+            short = carve.refine(steered, image, QUESTION)  # caches the 2-step general run
+        finally:
+            config.eos_token_id = eos
+        again = carve.refine(steered, image, QUESTION)  # the question now runs 4 steps: G is captured again
+        fresh = ls.CARVE(layers=(1, 2), max_steps=4, cache_general=False)
+    with ls.steer(model, fresh, processor=processor) as steered:
+        expected = fresh.refine(steered, image, QUESTION)
+    torch.testing.assert_close(again.score, expected.score, atol=1e-4, rtol=1e-5)  # G alone: a full prefill
+    assert (short.score - expected.score).abs().max() > 1e-2
+    assert next(iter(carve._general.values())).steps == 4
