@@ -304,3 +304,21 @@ def test_real_smolvlm_layout_17_tiles():
         assert steered.stats().reduction > 0.5
     with ls.steer(model, ls.VTCCLS(keep=1.0, start_layer=0), processor=processor):
         assert torch.equal(logits(model, inputs), base)
+
+
+def test_removal_leaves_no_trace_and_composes_with_a_text_side_method():
+    model, processor = _model("llava")
+    inputs = batch(processor)
+    base = logits(model, inputs)
+    hooks = our_hooks(model)
+    ablate = ls.AblateHeads({0: [1], 2: [0]})
+    with ls.steer(model, ls.VTCCLS(keep=0.25, start_layer=0), ablate) as steered:
+        both = logits(model, inputs)
+        with torch.no_grad():
+            steered.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert our_hooks(model) == hooks and torch.equal(logits(model, inputs), base)
+    alone = ls.VTCCLS(keep=0.25, start_layer=0)
+    with ls.steer(model, alone) as steered:
+        reduced = alone.prune_inputs(steered, inputs)
+    with ls.steer(model, ablate):
+        torch.testing.assert_close(both, logits(model, reduced), **TOL)
