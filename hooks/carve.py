@@ -192,14 +192,16 @@ class CARVE(Method):
         processor = _need_processor(steering)
         model = steering.model
         encs = [dict(processor(images=[[image]], text=[_chat(processor, p, 1)], return_tensors="pt")) for p in prompts]
+        for enc in encs:
+            enc.pop("labels", None)  # PaliGemma's processor adds training labels
         tiles = [t for t in steering.adapter.image_grids(encs[0])[0] if t.image == 0]
         if not tiles:
             raise MissingImagesError("carve: the prompt has no image tokens; the processor dropped the image")
         ids = [e["input_ids"][0] for e in encs]
         prefix = _common_prefix(ids)
         spans = steering.adapter.image_spans(ids[0])
-        if prefix < max(e for _, e in spans):  # the image is not in the shared prefix: prefill each prompt alone
-            prefix = 0
+        if prefix < max(e for _, e in spans) or steering.adapter.bidirectional_prompt:
+            prefix = 0  # the image is not in the shared prefix, or the prefix sees what follows: prefill each alone
         device = next(model.parameters()).device
         layers = self.layer_range(steering.info)
         params = inspect.signature(model.forward).parameters

@@ -22,6 +22,7 @@ from lvlm_steer.image_regions import (
 from lvlm_steer.testing import make_image
 
 ARCHS = ["llava", "qwen2_vl", "idefics3"]
+CAPTURE_ARCHS = [*ARCHS, "gemma3", "paligemma", "internvl", "llava_next"]
 QUESTION = "What is in the image?"
 
 
@@ -156,11 +157,7 @@ def test_tile_boxes_follow_the_tags_and_refuse_unplaceable_crops():
 def _eager_rows(model, prompt_ids, tokens, steps, layers, columns, extra):
     """Reference: one uncached eager forward over prompt + generated tokens; head-mean attention of each step's row."""
     seq = torch.cat([prompt_ids, torch.tensor([tokens[: steps - 1]], dtype=prompt_ids.dtype)], dim=1)
-    inputs = {"input_ids": seq, **extra}
-    for key, value in list(inputs.items()):
-        if key != "input_ids" and torch.is_tensor(value) and value.shape == prompt_ids.shape:
-            fill = 1 if key == "attention_mask" else 0
-            inputs[key] = torch.cat([value, value.new_full((1, seq.shape[1] - value.shape[1]), fill)], dim=1)
+    inputs = ls.adapter_for(model).extend_inputs({"input_ids": prompt_ids, **extra}, seq)
     key = next(k for k in model.config.sub_configs if "text" in k)
     model.set_attn_implementation({key: "eager"})
     try:
@@ -172,7 +169,7 @@ def _eager_rows(model, prompt_ids, tokens, steps, layers, columns, extra):
     return torch.stack([att[layer][0][:, rows][:, :, columns].mean(0) for layer in layers], dim=1).float()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CAPTURE_ARCHS)
 def test_captured_attention_equals_eager_probabilities(arch):
     from lvlm_steer.hooks.carve import _chat
 
@@ -186,7 +183,7 @@ def test_captured_attention_equals_eager_probabilities(arch):
         steps = run.rows.shape[0]
         assert steps >= 1 and run.rows.shape[1:] == (3, columns.numel())
         enc = dict(processor(images=[[image]], text=[_chat(processor, prompt, 1)], return_tensors="pt"))
-        extra = {k: v for k, v in enc.items() if k != "input_ids"}
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "labels")}
         ref = _eager_rows(model, enc["input_ids"], run.tokens, steps, range(3), columns, extra)
         torch.testing.assert_close(run.rows, ref, atol=1e-5, rtol=1e-5)
         assert len(run.tokens) in (steps, steps - 1)  # the last step stops after the last captured layer

@@ -87,6 +87,8 @@ class Adapter:
     stateful_attributes: ClassVar[tuple[str, ...]] = ()
     # the per-token input value of generated tokens (PaliGemma marks its causal suffix with token type 1)
     generated_token_type: ClassVar[int] = 0
+    # the prompt attends bidirectionally (prefix-LM), so a prompt prefix's cache depends on the tokens after it
+    bidirectional_prompt: ClassVar[bool] = False
     # trained on prompts with several images (CARVE's final pass then shows the original and the refined image)
     multi_image: ClassVar[bool] = False
 

@@ -40,6 +40,7 @@ class PaliGemmaAdapter(Adapter):
     model_types = ("paligemma",)
     display_name = "PaliGemma (PaliGemmaForConditionalGeneration)"
     generated_token_type = 1  # token type 0 is the bidirectional prefix, 1 the causal suffix
+    bidirectional_prompt = True
 
     def vision_scoring(self) -> VisionScoring:
         """SigLIP (no CLS), one token per patch of the last layer."""
