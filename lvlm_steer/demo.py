@@ -17,9 +17,14 @@ import lvlm_steer as ls
 
 # Default specs for the testbed (3 text layers, 3 vision layers, 36 image tokens); a method not listed runs with its
 # own defaults. "{heads}" is filled with the top VHD heads of a quick head scan.
+# The papers' layer defaults (start at layer 2, skip the last, layers 2..L-2) leave nothing to edit in 3 layers, so
+# layer-bound methods start at layer 1 here.
 DEFAULT_SPECS: dict[str, str] = {
     "ablate": "ablate:heads={heads}",
+    "act": "act:heads=1.0,1.1,1.2,1.3",
+    "pai": "pai:start_layer=1",
     "scale": "scale:heads={heads},gain=2",
+    "var": "var:start_layer=1",
     "vtc_cls": "vtc_cls:keep=0.5,start_layer=1",
 }
 POPE_IMAGES = 60  # -> 360 questions per split
@@ -90,6 +95,8 @@ def run_demo(
     from lvlm_steer.testbed import SPEC, load_testbed
 
     started = time.time()
+    if methods is not None:
+        parse_conditions(["none", *methods])  # a typo fails before any work
     out = Path(out)
     pope_images = POPE_IMAGES if limit is None else max(1, -(-limit // 6))
     chair_images = CHAIR_IMAGES if limit is None else limit
