@@ -19,9 +19,11 @@ A^G is cached per image, so several questions about one image pay for G once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,6 +38,8 @@ from lvlm_steer.image_regions import WHOLE_IMAGE, Box, Refined, refine_image, sc
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
+
+log = logging.getLogger(__name__)
 
 GENERAL_PROMPT = "Write a general description of the image."
 FINAL_MODES = ("auto", "both", "refined")
@@ -141,6 +145,8 @@ class CARVE(Method):
             raise MethodConfigError(f"carve: layers must be lo-hi with 0 <= lo <= hi, got {self.layers}")
         self._capture: _Capture | None = None
         self._general: OrderedDict[tuple, Attention] = OrderedDict()
+        self._running = 0  # > 0 inside refine/generate: the forwards are CARVE's own
+        self._warned = False
         self.last_refined: list[Refined] = []
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -161,6 +167,23 @@ class CARVE(Method):
 
     def attention_layers(self, info: ModelInfo) -> frozenset[int]:
         return frozenset(self.layer_range(info))
+
+    def prepare(self, steering, forward_kwargs: dict[str, Any]) -> None:
+        if not self._running and not self._warned:
+            self._warned = True
+            log.warning(
+                "carve changes the image, which a plain model(...) / model.generate(...) call cannot do: that call "
+                "runs the model unchanged. Use steering.generate(**inputs, images=[...], questions=[...]) or "
+                "carve.refine(steering, image, question)."
+            )
+
+    @contextlib.contextmanager
+    def _own_forwards(self):
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
     # -- capture: probe the last row of the captured layers, pass the attention through unchanged ----------
     def edit_attention(self, call: AttentionCall) -> torch.Tensor:
@@ -202,7 +225,6 @@ class CARVE(Method):
         spans = steering.adapter.image_spans(ids[0])
         if prefix < max(e for _, e in spans) or steering.adapter.bidirectional_prompt:
             prefix = 0  # the image is not in the shared prefix, or the prefix sees what follows: prefill each alone
-        device = next(model.parameters()).device
         layers = self.layer_range(steering.info)
         params = inspect.signature(model.forward).parameters
         cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -216,18 +238,18 @@ class CARVE(Method):
         from transformers import DynamicCache
 
         runs = []
-        with torch.inference_mode(), steering.adapter.isolated_state():
+        with torch.inference_mode(), steering.adapter.isolated_state(), self._own_forwards():
             shared = DynamicCache()
             if prefix:
                 head = {k: encs[0][k][:, :prefix] for k in token_keys} | vision
-                model(**_to(head, device), **{cache_kw: shared}, use_cache=True, **extra)
+                model(**_to(head, model), **{cache_kw: shared}, use_cache=True, **extra)
             for n, enc in enumerate(encs):
                 cache = shared if n == len(encs) - 1 else copy.deepcopy(shared)
                 feed = {k: enc[k][:, prefix:] for k in token_keys} | ({} if prefix else vision)
                 cap = _Capture(layers, torch.cat([t.positions.flatten() for t in tiles]))
                 steps = runs[0].steps if paired and runs else limit
                 tokens = self._greedy(
-                    steering, cap, steps, _to(feed, device), cache, cache_kw, extra, prefix, token_keys
+                    steering, cap, steps, _to(feed, model), cache, cache_kw, extra, prefix, token_keys
                 )
                 rows = cap.stacked()
                 cut = rows.shape[0] == steps < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))
@@ -284,8 +306,12 @@ class CARVE(Method):
 
     def refine(self, steering, image: Image.Image, question: str) -> Refined:
         """The refined image for ``question`` (with its score map, mask and crop box)."""
-        image = image.convert("RGB")
-        key = (_image_key(image), self.general_prompt, self.max_steps, self.layer_range(steering.info))
+        with self._own_forwards():
+            return self._refine(steering, image.convert("RGB"), question)
+
+    def _refine(self, steering, image: Image.Image, question: str) -> Refined:
+        layers = self.layer_range(steering.info)
+        key = (id(steering.model), _image_key(image), self.general_prompt, self.max_steps, layers)
         general = self._general.get(key) if self.cache_general else None
         if general is None:  # one shared prefill; G needs no more steps than Q took
             (question_run, general), tiles = self.capture(steering, image, [question, self.general_prompt], paired=True)
@@ -330,8 +356,8 @@ class CARVE(Method):
         texts = [_chat(processor, q, len(ims)) for q, ims in zip(questions, final_images, strict=True)]
         final = dict(processor(images=final_images, text=texts, padding=True, padding_side="left", return_tensors="pt"))
         final.pop("labels", None)
-        device = next(steering.model.parameters()).device
-        out = steering.model.generate(**_to(final, device), **options)
+        with self._own_forwards():
+            out = steering.model.generate(**_to(final, steering.model), **options)
         if not torch.is_tensor(out) or "input_ids" not in prompt:
             return out
         new = out[:, final["input_ids"].shape[1] :]
@@ -389,5 +415,11 @@ def _image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
-def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+def _to(inputs: dict[str, Any], model) -> dict[str, Any]:
+    """Tensors onto the model's device; float tensors (pixels) in the model's dtype."""
+    param = next(model.parameters())
+    dtype = getattr(model, "dtype", param.dtype)
+    return {
+        k: (v.to(param.device, dtype) if v.is_floating_point() else v.to(param.device)) if torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
