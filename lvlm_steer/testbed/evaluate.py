@@ -127,6 +127,34 @@ def attention_numbers(data: dict[str, Path], n: int = 64) -> dict[str, Any]:
     return {"attention": layers, "massive_activations": massive}
 
 
+def card_tables(result: dict[str, Any]) -> str:
+    """The measured part of MODEL_CARD.md, as Markdown."""
+    pope, chair, inner = result["pope"], result["chair"], result["internals"]
+    lines = ["| POPE split | accuracy | F1 | precision | recall | yes ratio | n |", "|---|---|---|---|---|---|---|"]
+    for split in ("random", "popular", "adversarial"):
+        m = pope[split]
+        lines.append(
+            f"| {split} | {100 * m['accuracy']:.1f} | {100 * m['f1']:.1f} | {100 * m['precision']:.1f} | "
+            f"{100 * m['recall']:.1f} | {100 * m['yes_ratio']:.1f} | {m['n']} |"
+        )
+    lines += ["", "| CHAIR_s | CHAIR_i | recall | mean length (words) | captions | mentions |", "|---|" * 6]
+    lines.append(
+        f"| {100 * chair['chair_s']:.1f} | {100 * chair['chair_i']:.1f} | {100 * chair['recall']:.1f} | "
+        f"{chair['mean_length']:.1f} | {chair['n_captions']} | {chair['n_mentions']} |"
+    )
+    lines += ["", "| layer | attention on BOS | attention on image tokens | max max/median abs activation |",
+              "|---|---|---|---|"]  # fmt: skip
+    for att, act in zip(inner["attention"], inner["massive_activations"], strict=True):
+        bos, img = 100 * att["bos_mass"], 100 * att["image_mass"]
+        lines.append(f"| {att['layer']} | {bos:.1f}% | {img:.1f}% | {act['max_ratio']:.1f} |")
+    margins = pope["yes_minus_no_margin_by_class"]
+    lines += ["", "Mean logit(Yes) - logit(No) per asked class (all POPE questions): "
+              + ", ".join(f"{c} {v:+.1f}" for c, v in margins.items())]  # fmt: skip
+    lines += ["", "Example captions (greedy) with the ground truth:", ""]
+    lines += [f"- `{e['caption']}` (truth: {', '.join(e['truth'])})" for e in chair["examples"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("testbed_eval"))
@@ -146,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     result["seconds"] = round(time.time() - start, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
+    a.out.with_suffix(".md").write_text(card_tables(result))
     print(json.dumps(result["internals"], indent=1))
 
 

@@ -28,6 +28,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def sample_mean_loss(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy averaged per sample, then over samples: a one-token yes/no answer weighs as much as a caption
+    (a token average would give the yes/no decision a few percent of the gradient, which prolongs the plateau)."""
+    labels = data["labels"][:, 1:]
+    logits = model(**{k: v for k, v in data.items() if k != "labels"}).logits[:, :-1]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return ((losses * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
 def probe_set(processor, n: int = 128, seed: int = 99) -> tuple[dict, torch.Tensor]:
     """Held-out exact-POPE-wording questions (half yes) for progress logs: (inputs, labels 1=yes)."""
     rng = random.Random(f"testbed-probe-{seed}")
@@ -90,7 +100,7 @@ def train(
         data = collate(processor, make_samples(rng, batch, text_only, progress, cfg))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, warmup)
-        loss = model(**data).loss
+        loss = sample_mean_loss(model, data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
