@@ -24,6 +24,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -148,6 +149,7 @@ class CARVE(Method):
         self._running = 0  # > 0 inside refine/generate: the forwards are CARVE's own
         self._warned = False
         self.last_refined: list[Refined] = []
+        self.last_seconds: dict[str, float] = {}  # where the last generate spent its time: refine, answer
 
     # -- setup -------------------------------------------------------------------------------------------
     def layer_range(self, info: ModelInfo) -> range:
@@ -347,7 +349,9 @@ class CARVE(Method):
             raise SteeringError(f"carve: {len(images)} images for {len(questions)} questions; give one of each per row")
         prompt = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
         options = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
+        start = time.perf_counter()
         self.last_refined = [self.refine(steering, im, q) for im, q in zip(images, questions, strict=True)]
+        refined = time.perf_counter()
         both = self.final == "both" or (self.final == "auto" and steering.adapter.multi_image)
         final_images = [
             [im.convert("RGB"), r.image] if both else [r.image] for im, r in zip(images, self.last_refined, strict=True)
@@ -358,6 +362,7 @@ class CARVE(Method):
         final.pop("labels", None)
         with self._own_forwards():
             out = steering.model.generate(**_to(final, steering.model), **options)
+        self.last_seconds = {"refine": refined - start, "answer": time.perf_counter() - refined}
         if not torch.is_tensor(out) or "input_ids" not in prompt:
             return out
         new = out[:, final["input_ids"].shape[1] :]

@@ -20,5 +20,8 @@ def test_bench_vhr_carve_small_writes_json(tmp_path, capsys):
     assert set(result["seconds_per_sample"]) == conditions
     assert all(len(result["runs_s"][c]) == 1 for c in conditions)  # the warm-up run is not counted
     assert result["vs_baseline"]["baseline"] == 1.0
+    assert set(result["carve_parts_s"]) == {
+        f"{c}.{p}" for c in ("carve", "carve_second_question") for p in ("refine", "answer")
+    }
     assert set(result["meets_targets"]) <= {"vhr", "carve"} and "carve" in result["meets_targets"]
     assert '"benchmark": "vhr-carve"' in capsys.readouterr().out  # also printed

@@ -7,6 +7,10 @@ runs) so that load drifts on a shared host hit them alike; run 0 is a warm-up; m
 Every run uses a fresh image, so ``carve`` pays for both capture passes (question and general prompt). A second
 question about the same image (``carve_second_question``, as in POPE, several questions per image) reuses the
 cached general-prompt attention and pays for the question's capture only.
+
+Every condition pays for its own preprocessing: baseline and VHR one processor call, CARVE the calls it makes
+itself (question and general prompt with the image, then the final pass's images); CARVE is given only the
+image and the question, since it builds its own prompts.
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ def run_vhr_carve_bench(
 
     def with_carve(image, question=QUESTION) -> None:
         with ls.steer(model, carve, processor=processor) as steered:
-            steered.generate(**_prompt(processor, image, question), images=[image], questions=[question], **kwargs)
+            steered.generate(images=[image], questions=[question], **kwargs)
 
     conditions = {"baseline": baseline, "vhr": with_vhr, "carve": with_carve}
     if vhr is None:
         del conditions["vhr"]
     names = list(conditions)
     times: dict[str, list[float]] = {name: [] for name in [*names, "carve_second_question"]}
+    parts: dict[str, list[float]] = {}  # CARVE's refine (capture passes + mask) and answer (final pass) seconds
     for run in range(runs + 1):
         image = benchmark_image(seed=run)
         order = names[run % len(names) :] + names[: run % len(names)]
@@ -69,10 +74,13 @@ def run_vhr_carve_bench(
             seconds = _timed(lambda: conditions[name](image))  # noqa: B023  (called at once)
             if run:
                 times[name].append(seconds)
+                if name == "carve":
+                    _add_parts(parts, "carve", carve.last_seconds)
             progress(f"run {run}{' (warm-up)' if not run else ''}: {name} {seconds:.2f} s")
         seconds = _timed(lambda: with_carve(image, SECOND_QUESTION))  # noqa: B023
         if run:
             times["carve_second_question"].append(seconds)
+            _add_parts(parts, "carve_second_question", carve.last_seconds)
         progress(f"run {run}: carve_second_question {seconds:.2f} s")
     medians = {name: median(values) for name, values in times.items()}
     base = medians["baseline"]
@@ -88,11 +96,17 @@ def run_vhr_carve_bench(
         "prompt_tokens": int(_prompt(processor, benchmark_image(), QUESTION)["input_ids"].shape[1]),
         "seconds_per_sample": medians,
         "runs_s": times,
+        "carve_parts_s": {name: median(values) for name, values in parts.items()},
         "vs_baseline": ratios,
         "targets": {f"{name}_vs_baseline": f"<= {limit}" for name, limit in TARGETS.items()},
         "meets_targets": {name: ratios[name] <= limit for name, limit in TARGETS.items() if name in ratios},
         "notes": notes,
     }
+
+
+def _add_parts(parts: dict[str, list[float]], condition: str, seconds: dict[str, float]) -> None:
+    for part, value in seconds.items():
+        parts.setdefault(f"{condition}.{part}", []).append(value)
 
 
 def _timed(fn) -> float:
