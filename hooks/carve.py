@@ -219,7 +219,12 @@ class CARVE(Method):
         encs = [dict(processor(images=[[image]], text=[_chat(processor, p, 1)], return_tensors="pt")) for p in prompts]
         for enc in encs:
             enc.pop("labels", None)  # PaliGemma's processor adds training labels
-        tiles = [t for t in steering.adapter.image_grids(encs[0])[0] if t.image == 0]
+        try:
+            tiles = [t for t in steering.adapter.image_grids(encs[0])[0] if t.image == 0]
+        except SteeringError as exc:
+            raise SteeringError(
+                f"carve maps attention onto the image-token grid, which is unknown here: {exc}"
+            ) from exc
         if not tiles:
             raise MissingImagesError("carve: the prompt has no image tokens; the processor dropped the image")
         ids = [e["input_ids"][0] for e in encs]

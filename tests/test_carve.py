@@ -372,3 +372,15 @@ def test_general_run_stops_with_the_question_run_and_is_recaptured_when_too_shor
     torch.testing.assert_close(again.score, expected.score, atol=1e-4, rtol=1e-5)  # G alone: a full prefill
     assert (short.score - expected.score).abs().max() > 1e-2
     assert next(iter(carve._general.values())).steps == 4
+
+
+def test_an_unknown_image_grid_is_refused_with_the_reason(monkeypatch):
+    model, processor = _model("llava")
+
+    def no_grid(inputs):
+        raise ls.SteeringError("7 image tokens do not form a square grid; this layout needs its own adapter")
+
+    with ls.steer(model, ls.CARVE(layers=(1, 2)), processor=processor) as steered:
+        monkeypatch.setattr(steered.adapter, "image_grids", no_grid)
+        with pytest.raises(ls.SteeringError, match="carve maps attention onto the image-token grid.*own adapter"):
+            steered.generate(images=[make_image(0)], questions=[QUESTION], max_new_tokens=1)
