@@ -22,6 +22,7 @@ so "above the median" keeps the top half of an even number of heads.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -249,16 +250,24 @@ class _TextStream:
         self.replaying: int | None = None
 
     def advance(self, steering, layer: torch.nn.Module, index: int) -> None:
-        """Run decoder layer ``index`` on the text-only hidden states (steering paused but for VHR's own hook)."""
+        """Run decoder layer ``index`` on the text-only hidden states (steering paused but for VHR's own hook).
+
+        The call runs in an empty `contextvars.Context`, so context-local collectors of the forward in flight
+        (transformers' ``output_hidden_states`` / ``output_attentions`` recorders) never see the text stream.
+        """
         args, kwargs = self.calls[index]
         if args:
             args = (self.hidden, *args[1:])
         else:
             kwargs = {**kwargs, "hidden_states": self.hidden}
+
+        def run() -> Any:
+            with steering.pause():
+                return layer(*args, **kwargs)
+
         self.replaying = index
         try:
-            with steering.pause():
-                out = layer(*args, **kwargs)
+            out = contextvars.Context().run(run)
         finally:
             self.replaying = None
         self.hidden = out[0] if isinstance(out, tuple) else out

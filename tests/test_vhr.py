@@ -225,6 +225,23 @@ def test_text_stream_costs_little():
     assert sorted(seen) == [(2, text_len), (2, text_len), (2, inputs["input_ids"].shape[1])]
 
 
+def test_outputs_beams_and_composition():
+    """Recorded hidden states belong to the image forward only; beam search and other methods still work."""
+    model, processor = _model("llava")
+    inputs = batch(processor)
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True).hidden_states
+        with ls.steer(model, ls.VHR()):
+            steered = model(**inputs, output_hidden_states=True).hidden_states
+            beams = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
+        with ls.steer(model, ls.VHR(layers=(2,)), ls.PAI(alpha=0.5, start_layer=1)) as both:
+            mixed = both.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert [h.shape for h in steered] == [h.shape for h in plain]
+    torch.testing.assert_close(steered[1], plain[1])  # layer 0 is before the first target layer (1)
+    assert not torch.allclose(steered[-1], plain[-1])
+    assert beams.shape == mixed.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
 # -- the selection rule ---------------------------------------------------------------------------------------------
 def test_outliers_are_zeroed_before_the_median_choice():
     """Head 0 diverges most but only because its text-only output surges: it is zeroed and not chosen."""
