@@ -242,6 +242,17 @@ def test_outputs_beams_and_composition():
     assert beams.shape == mixed.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
+def test_removal_leaves_no_trace():
+    model, processor = _model("qwen2_vl")
+    inputs = batch(processor)
+    before, base = our_hooks(model), logits(model, inputs)
+    with ls.steer(model, ls.VHR()) as steered:
+        assert our_hooks(model) != before
+        _generate(steered, inputs, model)
+    assert our_hooks(model) == before and model not in _ACTIVE
+    assert torch.equal(logits(model, inputs), base)
+
+
 # -- the selection rule ---------------------------------------------------------------------------------------------
 def test_outliers_are_zeroed_before_the_median_choice():
     """Head 0 diverges most but only because its text-only output surges: it is zeroed and not chosen."""
