@@ -16,6 +16,8 @@ states, at the moment the image rows reach that layer's ``o_proj``: both last-po
 the heads are chosen, both streams are scaled, and both go on. The model's own layers do all the work, with
 the arguments the model itself built; the extra cost is two text-only passes at prefill (a few percent of an
 image prompt), nothing at decode, and it works inside plain ``model(...)`` and ``model.generate(...)``.
+The text stream runs with the steering paused: other methods' edits apply to the image stream only. A chunked
+prefill (``prefill_chunk_size``) would choose the heads at the end of its first chunk, so leave it off.
 Statistics: ``std`` is the sample standard deviation (torch's default); ``median`` is the lower middle value,
 so "above the median" keeps the top half of an even number of heads.
 """
