@@ -89,20 +89,35 @@ class Attention:
 
 
 class _Capture:
-    """Per-forward recording state while a capture pass runs."""
+    """Recording state while capture forwards run: one or more runs, each fed by one batch row."""
 
-    def __init__(self, layers: range, columns: torch.Tensor) -> None:
+    def __init__(self, layers: range, columns: torch.Tensor, runs: int = 1) -> None:
         self.layers = layers
-        self.columns = columns  # key slots of the image's grid cells, in tile order
+        self.columns = [columns] * runs  # per run: key slots of the image's grid cells, in tile order
         self.seq_len = 0  # keys the forward in flight sees (prefix + everything fed so far)
         self.stop_after: int | None = None
-        self.steps: list[dict[int, torch.Tensor]] = []
+        self.steps: list[list[dict[int, torch.Tensor]]] = [[] for _ in range(runs)]
+        self.feeding: list[int | None] = [0]  # the run each batch row of the forward in flight belongs to
 
-    def record(self, layer: int, row: torch.Tensor) -> None:
-        self.steps[-1][layer] = row
+    def begin_step(self) -> None:
+        for run in self.feeding:
+            if run is not None:
+                self.steps[run].append({})
 
-    def stacked(self) -> torch.Tensor:
-        return torch.stack([torch.stack([s[layer] for layer in self.layers]) for s in self.steps]).float().cpu()
+    def record(self, layer: int, probs: torch.Tensor, key_len: int) -> None:
+        """``probs`` (B, H, 1, K): the last row's probabilities of each batch row."""
+        offset = self.seq_len - key_len  # a sliding-window layer holds only the last keys
+        mean = probs[:, :, 0].mean(1)
+        for b, run in enumerate(self.feeding):
+            if run is None:
+                continue
+            if offset > int(self.columns[run].min()):
+                raise SteeringError(f"carve: layer {layer} no longer sees the image (sliding window); choose others")
+            self.steps[run][-1][layer] = mean[b, self.columns[run].to(mean.device) - offset]
+
+    def stacked(self, run: int = 0) -> torch.Tensor:
+        steps = self.steps[run]
+        return torch.stack([torch.stack([s[layer] for layer in self.layers]) for s in steps]).float().cpu()
 
 
 @register_method
@@ -192,13 +207,8 @@ class CARVE(Method):
         cap = self._capture
         if cap is not None:
             last = call.query.shape[2] - 1
-            probs = masked_softmax(row_logits(call, last), rows_mask(call, last))  # (1, H, 1, K)
-            offset = cap.seq_len - call.key.shape[2]  # a sliding-window layer holds only the last keys
-            if offset > int(cap.columns.min()):
-                raise SteeringError(
-                    f"carve: layer {call.layer_idx} no longer sees the image (sliding window); choose other layers"
-                )
-            cap.record(call.layer_idx, probs[0, :, 0].mean(0)[cap.columns.to(probs.device) - offset])
+            probs = masked_softmax(row_logits(call, last), rows_mask(call, last))  # (B, H, 1, K)
+            cap.record(call.layer_idx, probs, call.key.shape[2])
             if cap.stop_after == call.layer_idx:
                 raise _CaptureDone
         return call.base()
@@ -250,18 +260,24 @@ class CARVE(Method):
             if prefix:
                 head = {k: encs[0][k][:, :prefix] for k in token_keys} | vision
                 model(**_to(head, model), **{cache_kw: shared}, use_cache=True, **extra)
+            columns = torch.cat([t.positions.flatten() for t in tiles])
+            if paired and len(encs) == 2 and prefix and limit > 1 and _batchable(steering.adapter, shared):
+                run = _Run(steering, self, layers, cache_kw, extra, prefix, token_keys)
+                return run.pair(encs, columns, limit, shared), tiles
             for n, enc in enumerate(encs):
                 cache = shared if n == len(encs) - 1 else copy.deepcopy(shared)
                 feed = {k: enc[k][:, prefix:] for k in token_keys} | ({} if prefix else vision)
-                cap = _Capture(layers, torch.cat([t.positions.flatten() for t in tiles]))
+                cap = _Capture(layers, columns)
                 steps = runs[0].steps if paired and runs else limit
                 tokens = self._greedy(
                     steering, cap, steps, _to(feed, model), cache, cache_kw, extra, prefix, token_keys
                 )
-                rows = cap.stacked()
-                cut = rows.shape[0] == steps < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))
-                runs.append(Attention(rows, tokens, enc["input_ids"], complete=not cut))
+                runs.append(self._attention(cap.stacked(), tokens, enc["input_ids"], steps, model))
         return runs, tiles
+
+    def _attention(self, rows: torch.Tensor, tokens: list[int], prompt_ids, limit: int, model) -> Attention:
+        cut = rows.shape[0] == limit < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))
+        return Attention(rows, tokens, prompt_ids, complete=not cut)
 
     def _greedy(self, steering, cap, limit, feed, cache, cache_kw, extra, prefix, token_keys) -> list[int]:
         eos = _eos_ids(steering.model)
@@ -272,7 +288,7 @@ class CARVE(Method):
         self._capture = cap
         try:
             for t in range(limit):
-                cap.steps.append({})
+                cap.begin_step()
                 cap.stop_after = cap.layers[-1] if t == limit - 1 else None
                 try:
                     out = steering.model(**feed, **{cache_kw: cache}, use_cache=True, **extra)
@@ -392,6 +408,99 @@ def tile_boxes(tiles: list) -> list[Box | None]:
     if all(b is None for b in boxes):
         raise SteeringError("carve: the adapter cannot place this image's crops in the image; no grid to map")
     return boxes
+
+
+class _Run:
+    """Question and general-prompt capture runs decoded side by side, one batch row each.
+
+    After the shared prefix, each prompt's own text is one forward (its own cache copy, so no padding inside
+    the prompt); then the two caches are joined into one batch, the shorter left-padded with masked slots, and
+    every later step feeds both rows at their true positions (1-D position ids; the adapter says when a model
+    needs more). Decoding two rows costs little more than one where the weights dominate.
+    """
+
+    def __init__(self, steering, carve: CARVE, layers: range, cache_kw: str, extra: dict, prefix: int, token_keys):
+        self.steering, self.carve, self.layers = steering, carve, layers
+        self.model = steering.model
+        self.cache_kw, self.extra, self.prefix, self.token_keys = cache_kw, extra, prefix, token_keys
+        self.eos = _eos_ids(self.model)
+        self.banned = [steering.adapter.image_token_id]
+
+    def forward(self, feed: dict[str, Any], cache) -> torch.Tensor:
+        out = self.model(**_to(feed, self.model), **{self.cache_kw: cache}, use_cache=True, **self.extra)
+        scores = out.logits[:, -1].float()
+        scores[:, self.banned] = float("-inf")
+        return scores.argmax(-1).cpu()
+
+    def pair(self, encs: list[dict], columns: torch.Tensor, limit: int, shared) -> list[Attention]:
+        cap = _Capture(self.layers, columns, runs=2)
+        caches = [copy.deepcopy(shared), shared]
+        tokens: list[list[int]] = [[], []]
+        done = [False, False]
+        lengths = []
+        self.carve._capture = cap
+        try:
+            for r, enc in enumerate(encs):  # step 1: each prompt's own text, alone
+                feed = {k: enc[k][:, self.prefix :] for k in self.token_keys}
+                cap.feeding, cap.seq_len = [r], self.prefix + feed["input_ids"].shape[1]
+                lengths.append(cap.seq_len)
+                cap.begin_step()
+                tokens[r].append(int(self.forward(feed, caches[r])[0]))
+                done[r] = tokens[r][-1] in self.eos
+            # one spare masked slot: the joined cache is longer than any single-row sequence the steering's
+            # per-forward context recorded, so the context starts afresh for the new (two-row) batch
+            width = max(lengths) + 1
+            pads = [width - n for n in lengths]
+            cap.columns = [columns + pad for pad in pads]
+            cache = _join_left_padded(caches, pads)
+            valid = torch.ones(2, width, dtype=torch.long)
+            for r, pad in enumerate(pads):
+                valid[r, :pad] = 0
+            generated = self.steering.adapter.generated_token_type
+            for t in range(1, limit):
+                if done[0]:  # paired: the general run needs no more steps than the question run took
+                    break
+                ids = torch.tensor([[tokens[0][-1]], [tokens[1][-1]]])
+                valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.long)], dim=1)
+                feed = {
+                    "input_ids": ids,
+                    "attention_mask": valid,
+                    "position_ids": torch.tensor([[lengths[0] + t - 1], [lengths[1] + t - 1]]),
+                } | {k: torch.full_like(ids, generated) for k in self.token_keys if k != "input_ids"}
+                cap.feeding = [None if d else r for r, d in enumerate(done)]
+                cap.seq_len = width + t
+                cap.begin_step()
+                cap.stop_after = self.layers[-1] if t == limit - 1 else None
+                try:
+                    step = self.forward(feed, cache)
+                except _CaptureDone:
+                    break
+                for r in range(2):
+                    if not done[r]:
+                        tokens[r].append(int(step[r]))
+                        done[r] = tokens[r][-1] in self.eos
+        finally:
+            self.carve._capture = None
+        question = self.carve._attention(cap.stacked(0), tokens[0], encs[0]["input_ids"], limit, self.model)
+        general = self.carve._attention(cap.stacked(1), tokens[1], encs[1]["input_ids"], question.steps, self.model)
+        return [question, general]
+
+
+def _batchable(adapter, cache) -> bool:
+    """Rows can be decoded side by side: 1-D position ids, and every cache layer holds all keys (no window)."""
+    return adapter.plain_position_ids and all(k is not None and s is None for k, _, s in cache)
+
+
+def _join_left_padded(caches: list, pads: list[int]):
+    """One batch cache from single-row caches, row r left-padded by ``pads[r]`` slots (masked by the caller)."""
+    from transformers import DynamicCache
+
+    layers = []
+    for per_row in zip(*caches, strict=True):
+        keys = [torch.nn.functional.pad(k, (0, 0, pad, 0)) for (k, _, _), pad in zip(per_row, pads, strict=True)]
+        values = [torch.nn.functional.pad(v, (0, 0, pad, 0)) for (_, v, _), pad in zip(per_row, pads, strict=True)]
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(ddp_cache_data=layers)
 
 
 def _need_processor(steering):

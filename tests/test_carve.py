@@ -169,15 +169,16 @@ def _eager_rows(model, prompt_ids, tokens, steps, layers, columns, extra):
     return torch.stack([att[layer][0][:, rows][:, :, columns].mean(0) for layer in layers], dim=1).float()
 
 
+@pytest.mark.parametrize("paired", [True, False])  # True: the two runs decode side by side where they can
 @pytest.mark.parametrize("arch", CAPTURE_ARCHS)
-def test_captured_attention_equals_eager_probabilities(arch):
+def test_captured_attention_equals_eager_probabilities(arch, paired):
     from lvlm_steer.hooks.carve import _chat
 
     model, processor = _model(arch)
     carve = ls.CARVE(layers=(0, 2), max_steps=4)
     image = make_image(0)
     with ls.steer(model, carve, processor=processor) as steered:
-        runs, tiles = carve.capture(steered, image, [QUESTION, carve.general_prompt])
+        runs, tiles = carve.capture(steered, image, [QUESTION, carve.general_prompt], paired=paired)
     columns = torch.cat([t.positions.flatten() for t in tiles])
     for run, prompt in zip(runs, [QUESTION, carve.general_prompt], strict=True):
         steps = run.rows.shape[0]

@@ -87,6 +87,9 @@ class Adapter:
     stateful_attributes: ClassVar[tuple[str, ...]] = ()
     # the per-token input value of generated tokens (PaliGemma marks its causal suffix with token type 1)
     generated_token_type: ClassVar[int] = 0
+    # decode positions are plain 1-D position ids, so rows at different lengths can be decoded side by side
+    # (False: Qwen-VL's 3-D mrope positions, which the model derives from its own state)
+    plain_position_ids: ClassVar[bool] = True
     # the prompt attends bidirectionally (prefix-LM), so a prompt prefix's cache depends on the tokens after it
     bidirectional_prompt: ClassVar[bool] = False
     # trained on prompts with several images (CARVE's final pass then shows the original and the refined image)

@@ -19,6 +19,7 @@ from lvlm_steer.errors import SteeringError
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     multi_image = True
+    plain_position_ids = False
     display_name = "Qwen2-VL (Qwen2VLForConditionalGeneration)"
     vision_path = "model.visual"
     markers_before = 1  # <|vision_start|>
