@@ -12,9 +12,11 @@ An input-space method: it changes the pixels the model sees, not its attention.
 4. Answer Q with [original, refined] (models trained on several images) or the refined image alone (`final`).
 
 Faster than the official code (three uncached passes over eager attention): the capture passes use the KV cache
-and share one prefill of the common prefix (the image) between Q and G; only the last row of the captured layers
-is probed (O(keys) per head, no (q x k) matrix); the last step stops right after the last captured layer; and
-A^G is cached per image, so several questions about one image pay for G once.
+and share one prefill of the common prefix (the image) between Q and G, then decode side by side in one batch of
+two rows; only the last row of the captured layers is probed (O(keys) per head, no (q x k) matrix); the last step
+stops right after the last captured layer; G stops after as many steps as Q took (the contrast pairs step t with
+step t); and A^G is cached per image, so several questions about one image pay for G once. The upsampling is
+linear, so steps and layers are summed on the token grid and upsampled once.
 """
 
 from __future__ import annotations
