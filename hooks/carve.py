@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 GENERAL_PROMPT = "Write a general description of the image."
 FINAL_MODES = ("auto", "both", "refined")
+DECODE_MODES = ("auto", "batch", "sequential")
 GENERAL_CACHE_SIZE = 64
 
 
@@ -147,6 +148,9 @@ class CARVE(Method):
     final: str = field(default="auto", metadata={"help": "final pass: both (original + refined), refined, auto"})
     cache_general: bool = field(default=True, metadata={"help": "reuse A_G for an image seen before"})
     general_prompt: str = field(default=GENERAL_PROMPT, metadata={"help": "the contrast prompt G"})
+    capture_decode: str = field(
+        default="auto", metadata={"help": "Q and G runs: batch (one 2-row batch), sequential, auto (batch off CPU)"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.p <= 1:
@@ -157,6 +161,10 @@ class CARVE(Method):
             raise MethodConfigError(f"carve: lam must be >= 0, got {self.lam}")
         if self.max_steps < 1:
             raise MethodConfigError(f"carve: max_steps must be >= 1, got {self.max_steps}")
+        if self.capture_decode not in DECODE_MODES:
+            raise MethodConfigError(
+                f"carve: capture_decode must be one of {', '.join(DECODE_MODES)}, got {self.capture_decode!r}"
+            )
         if self.final not in FINAL_MODES:
             raise MethodConfigError(f"carve: final must be one of {', '.join(FINAL_MODES)}, got {self.final!r}")
         if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
@@ -263,7 +271,8 @@ class CARVE(Method):
                 head = {k: encs[0][k][:, :prefix] for k in token_keys} | vision
                 model(**_to(head, model), **{cache_kw: shared}, use_cache=True, **extra)
             columns = torch.cat([t.positions.flatten() for t in tiles])
-            if paired and len(encs) == 2 and prefix and limit > 1 and _batchable(steering.adapter, shared):
+            side_by_side = paired and len(encs) == 2 and prefix and limit > 1 and self._batch_decode(model)
+            if side_by_side and _batchable(steering.adapter, shared):
                 run = _Run(steering, self, layers, cache_kw, extra, prefix, token_keys)
                 return run.pair(encs, columns, limit, shared), tiles
             for n, enc in enumerate(encs):
@@ -276,6 +285,13 @@ class CARVE(Method):
                 )
                 runs.append(self._attention(cap.stacked(), tokens, enc["input_ids"], steps, model))
         return runs, tiles
+
+    def _batch_decode(self, model) -> bool:
+        """Decode Q and G as one 2-row batch? On CPU two-row steps enter multi-threaded GEMMs that one-row steps
+        (matrix-vector) avoid; on a busy host each such call waits for its threads, so "auto" keeps CPU sequential."""
+        if self.capture_decode != "auto":
+            return self.capture_decode == "batch"
+        return next(model.parameters()).device.type != "cpu"
 
     def _attention(self, rows: torch.Tensor, tokens: list[int], prompt_ids, limit: int, model) -> Attention:
         cut = rows.shape[0] == limit < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))

@@ -175,7 +175,7 @@ def test_captured_attention_equals_eager_probabilities(arch, paired):
     from lvlm_steer.hooks.carve import _chat
 
     model, processor = _model(arch)
-    carve = ls.CARVE(layers=(0, 2), max_steps=4)
+    carve = ls.CARVE(layers=(0, 2), max_steps=4, capture_decode="batch")
     image = make_image(0)
     with ls.steer(model, carve, processor=processor) as steered:
         runs, tiles = carve.capture(steered, image, [QUESTION, carve.general_prompt], paired=paired)
@@ -293,7 +293,8 @@ def test_spec_round_trip_and_defaults():
 def test_bad_settings_and_inputs():
     model, processor = _model("llava")
     hooks = our_hooks(model)
-    for bad in (dict(p=0.0), dict(p=1.5), dict(k=0), dict(lam=-1.0), dict(max_steps=0), dict(final="two")):
+    bad_settings = (dict(p=0.0), dict(p=1.5), dict(k=0), dict(lam=-1.0), dict(max_steps=0), dict(final="two"))
+    for bad in (*bad_settings, dict(capture_decode="parallel")):
         with pytest.raises(ls.MethodConfigError):
             ls.CARVE(**bad)
     with pytest.raises(ls.MethodConfigError, match="hi <= 2"):
