@@ -352,7 +352,8 @@ class CARVE(Method):
 
     def _refine(self, steering, image: Image.Image, question: str) -> Refined:
         layers = self.layer_range(steering.info)
-        key = (id(steering.model), _image_key(image), self.general_prompt, self.max_steps, layers)
+        # A_G depends on the model, everything steering it, the image, G and the captured layers
+        key = (id(steering.model), steering.describe(), _image_key(image), self.general_prompt, self.max_steps, layers)
         general = self._general.get(key) if self.cache_general else None
         if general is None:  # one shared prefill; G needs no more steps than Q took
             (question_run, general), tiles = self.capture(steering, image, [question, self.general_prompt], paired=True)
