@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from lvlm_steer.adapters.base import left_pack
 from lvlm_steer.errors import MethodConfigError, MissingImagesError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.registry import register_method
@@ -221,12 +222,12 @@ class VTCCLS(Method):
         reduced = dict(inputs)
         for key in enc_keys:
             reduced.pop(key, None)
-        reduced["input_ids"] = _left_pack(ids, keep, adapter.pad_token_id)
-        reduced["attention_mask"] = _left_pack(torch.ones_like(ids), keep, 0)
+        reduced["input_ids"] = left_pack(ids, keep, adapter.pad_token_id)
+        reduced["attention_mask"] = left_pack(torch.ones_like(ids), keep, 0)
         for key in adapter.token_inputs:
             value = inputs.get(key)
             if torch.is_tensor(value) and value.shape == ids.shape:
-                reduced[key] = _left_pack(value, keep, 0)
+                reduced[key] = left_pack(value, keep, 0)
         chosen = features[unit_keep.flatten().to(features.device)]
         rows = (image & keep).sum(dim=1).tolist()
         pooled = _pooled([c for c in chosen.split(rows) if c.shape[0]], like=encoded.pooler_output)
@@ -320,16 +321,6 @@ def _valid_keys(mask: torch.Tensor | None, b: int, n: int, device: torch.device)
     m = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
     return m.any(dim=1).expand(b, n)
 
-
-def _left_pack(values: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:
-    """``values[b][keep[b]]`` per row, left-padded with ``pad`` to the longest kept row."""
-    lengths = keep.sum(dim=1)
-    width = int(lengths.max()) if lengths.numel() else 0
-    out = torch.full((values.shape[0], width), pad, dtype=values.dtype, device=values.device)
-    for b in range(values.shape[0]):
-        kept = values[b][keep[b]]
-        out[b, width - kept.shape[0] :] = kept
-    return out
 
 
 def _pooled(features: list[torch.Tensor], like: Any) -> Any:

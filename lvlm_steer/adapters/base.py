@@ -210,12 +210,12 @@ class Adapter:
             for s, e in self.image_spans(ids[b]):
                 keep[b, s:e] = False
         out = {
-            "input_ids": _left_pack(ids, keep, self.pad_token_id),
-            "attention_mask": _left_pack(torch.ones_like(ids), keep, 0),
+            "input_ids": left_pack(ids, keep, self.pad_token_id),
+            "attention_mask": left_pack(torch.ones_like(ids), keep, 0),
         }
         for key in self.token_inputs:
             if isinstance(inputs.get(key), torch.Tensor) and inputs[key].shape == ids.shape:
-                out[key] = _left_pack(inputs[key], keep, 0)
+                out[key] = left_pack(inputs[key], keep, 0)
         return out
 
     def extend_inputs(self, inputs: dict[str, Any], sequences: torch.Tensor) -> dict[str, Any]:
@@ -254,7 +254,7 @@ def _runs(mask: torch.Tensor) -> list[Span]:
     return list(zip(starts, ends, strict=True))
 
 
-def _left_pack(values: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:
+def left_pack(values: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:
     """Keep ``values[b][keep[b]]`` per row, left-padded with ``pad`` to the longest kept row."""
     lengths = keep.sum(dim=1)
     width = int(lengths.max()) if lengths.numel() else 0

@@ -8,16 +8,14 @@ after one untimed warm-up each; medians over ``runs``.
 
 from __future__ import annotations
 
-import platform
 import time
 from typing import Any
 
 import torch
-import transformers
 
 import lvlm_steer as ls
 from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
-from lvlm_steer.bench.timing import ForwardTimer, median, peak_rss_mib
+from lvlm_steer.bench.timing import ForwardTimer, environment, median, peak_rss_mib
 
 
 def spread_heads(num_layers: int, num_heads: int, count: int = 10) -> dict[int, list[int]]:
@@ -103,11 +101,5 @@ def run_overhead(variant: str = "full", runs: int = 3, new_tokens: int = 32, pro
         "summary": summary,
         "raw": results,
         "peak_rss_mib": peak_rss_mib(),
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
     }

@@ -18,15 +18,13 @@ from `Steering.stats()` (prefill, text layers only), printed next to the measure
 
 from __future__ import annotations
 
-import platform
 import time
 from typing import Any
 
 import torch
-import transformers
 
 import lvlm_steer as ls
-from lvlm_steer.bench.timing import ForwardTimer, median, reset_peak_rss, rss_mib
+from lvlm_steer.bench.timing import ForwardTimer, environment, median, reset_peak_rss, rss_mib
 from lvlm_steer.stats import PrefillStats
 
 DEFAULT_MODELS = ("bench", "llava15")
@@ -222,11 +220,5 @@ def run_pruning_bench(models: list[str] | tuple[str, ...] = DEFAULT_MODELS, runs
             "last layer's tokens): FastV prunes (T - K) / T of the layers, so a cut model understates it",
         },
         "models": results,
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
     }

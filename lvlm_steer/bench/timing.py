@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import resource
 import statistics
 import time
@@ -70,3 +71,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def environment() -> dict[str, Any]:
+    """Versions and threads, stored beside every benchmark result so that figures can be compared."""
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
