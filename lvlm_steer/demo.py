@@ -43,8 +43,9 @@ def method_specs(model, processor, image, heads: Callable[[], str], say: Callabl
 
     from lvlm_steer.evals.runner import chat_text
 
-    text = chat_text(processor, "Is there a cup in the image? Answer the question using a single word or phrase.")
-    inputs = dict(processor(images=[[image]], text=[text], return_tensors="pt"))
+    question = "Is there a cup in the image? Answer the question using a single word or phrase."
+    inputs = dict(processor(images=[[image]], text=[chat_text(processor, question)], return_tensors="pt"))
+    raw = {"images": [image], "questions": [question]}  # for methods that rebuild their own prompts (CARVE)
     specs = []
     for name in ls.method_names():
         spec = DEFAULT_SPECS.get(name, name)
@@ -53,7 +54,7 @@ def method_specs(model, processor, image, heads: Callable[[], str], say: Callabl
                 spec = spec.format(heads=heads())
             methods = ls.parse_specs([spec])
             with torch.inference_mode(), ls.steer(model, *methods, processor=processor) as steered:
-                steered.generate(**inputs, max_new_tokens=2, do_sample=False)
+                steered.generate(**inputs, **raw, max_new_tokens=2, do_sample=False)
         except Exception as exc:  # noqa: BLE001 - any failure means: skip this method, say why
             say(f"skipping {name}: {type(exc).__name__}: {exc}")
             continue
