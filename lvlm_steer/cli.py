@@ -432,8 +432,11 @@ def cmd_methods() -> str:
         lines.append(f"{name}  ({cls.__name__}): {cls.summary}")
         if cls.paper:
             lines.append(f"    source: {cls.paper}")
-        for pname, default, help_text in cls.parameters():
-            lines.append(f"    {pname:<10} default {default:<10} {help_text}")
+        params = cls.parameters()
+        name_width = max((len(p[0]) for p in params), default=0)
+        value_width = max((len(p[1]) for p in params if len(p[1]) <= 16), default=0)
+        for pname, default, help_text in params:
+            lines.append(f"    {pname:<{name_width}}  default {default:<{value_width}}  {help_text}")
     lines.append("none  no method (the unsteered baseline)")
     return "\n".join(lines)
 
