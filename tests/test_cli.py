@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_models_and_methods_listings(capsys):
         assert f"\n{model_type} " in out
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "ablate  (AblateHeads)" in out and "mode       default zero" in out and "scale  (ScaleHeads)" in out
+    assert "ablate  (AblateHeads)" in out and "scale  (ScaleHeads)" in out
+    assert re.search(r"\n    mode +default zero +zero \| mean", out)
 
 
 def test_generate_with_and_without_method():
