@@ -23,7 +23,8 @@ from lvlm_steer.testing.processors import chat_template
 from .world import CATEGORIES, IMAGE_SIZE, caption, sample_scene
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
-PATCH = 8
+PATCH = 8  # defaults describe the shipped weights (their config.json is what loading reads)
+TEXT_LAYERS = 3
 VOCAB_SIZE = 512
 CAPTION_PROMPT = "Please describe this image in detail."
 POPE_SUFFIX = "Answer the question using a single word or phrase."
@@ -71,24 +72,29 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )  # fmt: skip
 
 
-def build_processor() -> LlavaProcessor:
-    """The stock Llava processor: 48x48 CLIP preprocessing, 8x8 patches -> 36 image tokens (CLS dropped)."""
-    side = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=side)
+def build_processor(image_size: int = IMAGE_SIZE, patch: int = PATCH) -> LlavaProcessor:
+    """The stock Llava processor: CLIP preprocessing to ``image_size`` (the world renders 48x48; another size is a
+    resize), ``patch`` x ``patch`` patches -> (image_size // patch) ** 2 image tokens (CLS dropped)."""
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of patch {patch}; pick sizes that divide")
+    side = {"height": image_size, "width": image_size}
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=side)
     return LlavaProcessor(
-        ip, build_tokenizer(), patch_size=PATCH, vision_feature_select_strategy="default",
+        ip, build_tokenizer(), patch_size=patch, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=chat_template("<image>\n"),
     )  # fmt: skip
 
 
-def build_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_config(
+    tok: PreTrainedTokenizerFast, image_size: int = IMAGE_SIZE, patch: int = PATCH, text_layers: int = TEXT_LAYERS
+) -> LlavaConfig:
     vision = {
         "model_type": "clip_vision_model", "hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+        "num_attention_heads": 4, "image_size": image_size, "patch_size": patch,
     }  # fmt: skip
     text = {
         "model_type": "llama", "vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 512,
-        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
         "max_position_embeddings": 256, "initializer_range": 0.02, "tie_word_embeddings": True,
         "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
     }  # fmt: skip
@@ -99,11 +105,14 @@ def build_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
     )  # fmt: skip
 
 
-def build_model(tok: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(
+    tok: PreTrainedTokenizerFast, seed: int = 0, image_size: int = IMAGE_SIZE, patch: int = PATCH,
+    text_layers: int = TEXT_LAYERS,
+) -> LlavaForConditionalGeneration:  # fmt: skip
     import torch
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(tok))
+    model = LlavaForConditionalGeneration(build_config(tok, image_size, patch, text_layers))
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
     gc.do_sample = False

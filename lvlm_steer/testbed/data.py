@@ -14,7 +14,11 @@ import torch
 from .build import CAPTION_PROMPT, IMAGE, question_formats
 from .world import DEFAULT_WORLD, NAMES, WorldConfig, caption, render, sample_scene
 
-IMAGE_TOKENS = 36  # (48 / 8) ** 2 patches, CLS dropped
+
+def image_tokens(processor) -> int:
+    """Image tokens the processor expands ``<image>`` to: (crop side // patch) ** 2, CLS dropped."""
+    crop = processor.image_processor.crop_size
+    return (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
 
 
 @dataclass
@@ -56,7 +60,7 @@ def make_samples(
 def chat_prefix(processor, prompt: str, with_image: bool) -> str:
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return text.replace(IMAGE, IMAGE * IMAGE_TOKENS)
+    return text.replace(IMAGE, IMAGE * image_tokens(processor))
 
 
 def collate(processor, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -96,14 +96,15 @@ def chair_numbers(model, processor, data: dict[str, Path], n_images: int, batch:
 
 
 @torch.no_grad()
-def attention_numbers(data: dict[str, Path], n: int = 64) -> dict[str, Any]:
+def attention_numbers(data: dict[str, Path], n: int = 64, weights: Path | None = None) -> dict[str, Any]:
     """Per layer: mean attention mass of text queries (after the image) on BOS and on image tokens; massive dims."""
     from transformers import LlavaForConditionalGeneration
 
     from . import WEIGHTS_DIR
 
-    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR, attn_implementation="eager").eval()
-    _, processor = load_testbed()
+    path = weights if weights is not None else WEIGHTS_DIR
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    _, processor = load_testbed(path)
     files = json.loads(Path(data["instances"]).read_text())["images"][:n]
     images = [[Image.open(data["images_dir"] / f["file_name"]).convert("RGB")] for f in files]
     texts = [chat_text(processor, f"Is there a fork in the image? {DEFAULT_PROMPT_SUFFIX}")] * n
@@ -162,15 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pope-images", type=int, default=2000)
     ap.add_argument("--chair-images", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("testbed_eval/model_card.json"))
+    ap.add_argument("--weights", type=Path, default=None, help="a trained DIR/final (default: the shipped weights)")
     a = ap.parse_args(argv)
     start = time.time()
     data = held_out(a.data, a.images)
-    model, processor = load_testbed()
+    model, processor = load_testbed(a.weights)
     result = {"pope": pope_numbers(model, processor, data, a.pope_images, a.data)}
     print(json.dumps({k: v for k, v in result["pope"].items()}, indent=1), flush=True)
     result["chair"] = chair_numbers(model, processor, data, a.chair_images)
     print(json.dumps(result["chair"], indent=1), flush=True)
-    result["internals"] = attention_numbers(data)
+    result["internals"] = attention_numbers(data, weights=a.weights)
     result["seconds"] = round(time.time() - start, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .build import POPE_SUFFIX, build_model, build_processor
+from .build import PATCH, POPE_SUFFIX, TEXT_LAYERS, build_model, build_processor
 from .data import collate, make_samples
-from .world import NAMES, WorldConfig, render, sample_scene
+from .world import IMAGE_SIZE, NAMES, WorldConfig, render, sample_scene
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -74,13 +74,14 @@ def probe_accuracy(model, processor, probe) -> tuple[float, float]:
 def train(
     out: Path, steps: int = 12000, text_steps: int = 500, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
     weight_decay: float = 0.01, seed: int = 0, ckpt_every: int = 500, log_every: int = 100,
-    max_minutes: float | None = None, resume: bool = True, threads: int = 2,
+    max_minutes: float | None = None, resume: bool = True, threads: int = 2, image_size: int = IMAGE_SIZE,
+    patch: int = PATCH, text_layers: int = TEXT_LAYERS,
 ) -> Path:  # fmt: skip
     """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path."""
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
-    model = build_model(processor.tokenizer, seed)
+    processor = build_processor(image_size, patch)
+    model = build_model(processor.tokenizer, seed, image_size, patch, text_layers)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     ckpt, start = out / "ckpt.pt", 0
@@ -145,10 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (the world renders 48)")
+    ap.add_argument("--patch", type=int, default=PATCH, help="vision patch side: (image size / patch)^2 tokens")
+    ap.add_argument("--text-layers", type=int, default=TEXT_LAYERS)
     a = ap.parse_args(argv)
     train(
         a.out, a.steps, a.text_steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed, a.ckpt_every, a.log_every,
-        a.max_minutes, not a.no_resume, a.threads,
+        a.max_minutes, not a.no_resume, a.threads, a.image_size, a.patch, a.text_layers,
     )  # fmt: skip
 
 
