@@ -46,10 +46,10 @@ def test_answers_held_out_pope_subset(tmp_path, testbed):
     runner = Runner(model, processor, tmp_path / "run", batch_size=16, max_new_tokens=4, progress=False)
     answers = answer_items(runner, items)
     correct = sum(parse_answer(a) == q.label for a, q in zip(answers, questions, strict=True))
-    # The shipped model measures 79.5% POPE-random on 2000 held-out images (MODEL_CARD.md), short of the 85%;
-    # 0.7 leaves room for the sampling error of 96 questions (SE ~4 points) and still fails a chance-level or
-    # always-yes model (50%).
-    assert correct / len(questions) > 0.7, answers
+    # The shipped model measures 80.7% POPE-random on 2000 held-out images (MODEL_CARD.md) and 81.2% on these 96
+    # questions, short of the 85%; 0.75 leaves room for the sampling error of 96 questions (SE ~4 points)
+    # after a retrain and still fails a chance-level or always-yes model (50%).
+    assert correct / len(questions) > 0.75, answers
 
 
 @torch.no_grad()

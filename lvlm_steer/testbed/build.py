@@ -23,8 +23,8 @@ from lvlm_steer.testing.processors import chat_template
 from .world import CATEGORIES, IMAGE_SIZE, caption, sample_scene
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
-PATCH = 8  # defaults describe the shipped weights (their config.json is what loading reads)
-TEXT_LAYERS = 3
+PATCH = 6  # defaults describe the shipped weights (their config.json is what loading reads)
+TEXT_LAYERS = 4
 VOCAB_SIZE = 512
 CAPTION_PROMPT = "Please describe this image in detail."
 POPE_SUFFIX = "Answer the question using a single word or phrase."
