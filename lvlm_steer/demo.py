@@ -15,10 +15,10 @@ from typing import Any
 
 import lvlm_steer as ls
 
-# Default specs for the testbed (3 text layers, 3 vision layers, 36 image tokens); a method not listed runs with its
+# Default specs for the testbed (4 text layers, 3 vision layers, 64 image tokens); a method not listed runs with its
 # own defaults. "{heads}" is filled with the top VHD heads of a quick head scan.
-# The papers' layer defaults (start at layer 2, skip the last, layers 2..L-2) leave nothing to edit in 3 layers, so
-# layer-bound methods start at layer 1 here.
+# The papers' layer defaults (start at layer 2, skip the last, layers 2..L-2) leave one layer or none to edit in so
+# shallow a model, so layer-bound methods start at layer 1 here.
 DEFAULT_SPECS: dict[str, str] = {
     "ablate": "ablate:heads={heads}",
     "act": "act:heads=1.0,1.1,1.2,1.3",

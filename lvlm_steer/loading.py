@@ -38,7 +38,9 @@ def load_model(
                 f"unknown tiny architecture {arch!r}; choose one of {', '.join(closest_first(arch, ARCHITECTURES))}"
             )
         model, processor = tiny_model(arch)
-    elif spec == "builtin:testbed":
+    elif spec.startswith("builtin:"):
+        if spec != "builtin:testbed":
+            raise SteeringError(f"unknown built-in model {spec!r}; the built-in model is builtin:testbed")
         from lvlm_steer.testbed import load_testbed
 
         model, processor = load_testbed()

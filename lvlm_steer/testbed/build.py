@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE trained on the world's own language (captions, questions, chat markers), so it
 needs nothing from the Hub; the processor is the stock ``LlavaProcessor`` with a ``CLIPImageProcessorPil`` at 48x48
-and patch 8 (36 image tokens), and the chat template is the project's ``USER: <image>\\n...\\nASSISTANT:`` one.
+and patch 6 (64 image tokens), and the chat template is the project's ``USER: <image>\\n...\\nASSISTANT:`` one.
 """
 
 from __future__ import annotations
