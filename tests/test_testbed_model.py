@@ -46,10 +46,9 @@ def test_answers_held_out_pope_subset(tmp_path, testbed):
     runner = Runner(model, processor, tmp_path / "run", batch_size=16, max_new_tokens=4, progress=False)
     answers = answer_items(runner, items)
     correct = sum(parse_answer(a) == q.label for a, q in zip(answers, questions, strict=True))
-    # The shipped model measures 80.7% POPE-random on 2000 held-out images (MODEL_CARD.md) and 81.2% on these 96
-    # questions, short of the issue's 85%; 0.75 leaves room for the sampling error of 96 questions (SE ~4 points)
-    # after a retrain and still fails a chance-level or always-yes model (50%).
-    assert correct / len(questions) > 0.75, answers
+    # The shipped model measures 93.8% POPE-random on 2000 held-out images (MODEL_CARD.md); the issue asks for more
+    # than 85% on this subset (96 questions, sampling error about 2.5 points). Chance or always-"yes" gives 50%.
+    assert correct / len(questions) > 0.85, answers
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def test_training_is_deterministic(tmp_path):
 
     from lvlm_steer.testbed.train import train
 
-    kwargs = dict(steps=3, text_steps=2, batch=4, warmup=2, log_every=100, threads=1)
+    kwargs = dict(steps=3, text_steps=2, batch=4, warmup=2, log_every=100, threads=1, vision_steps=2)
     a = train(tmp_path / "a", **kwargs)
     b = train(tmp_path / "b", **kwargs)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")

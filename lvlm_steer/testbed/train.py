@@ -1,9 +1,11 @@
 """Train the testbed model: ``python -m lvlm_steer.testbed.train --out DIR``.
 
-Stage 1 (text only): the language model learns the captions' language and their co-occurrence prior, as a
-pretrained LLM would. Stage 2 (multimodal): captions plus yes/no questions, the question wording moving from the
-class word last to the exact POPE prompt (the exact wording alone sits on an always-"yes" plateau for thousands of
-steps). Deterministic given the seed and thread count; checkpoints every ``--ckpt-every`` steps and resumes.
+Stage 0 (vision, ``--vision-steps``): the vision tower learns to recognise the world's objects (`vision_pretrain`),
+as a pretrained CLIP would have; ``--freeze-vision`` then keeps it fixed, as LLaVA does. Stage 1 (text only): the
+language model learns the captions' language and their co-occurrence prior, as a pretrained LLM would. Stage 2
+(multimodal): captions plus multi-turn yes/no conversations (`data.make_samples`), the question wording moving from
+the class word last to the exact POPE prompt (the exact wording alone sits on an always-"yes" plateau for thousands
+of steps). Deterministic given the seed and thread count; checkpoints every ``--ckpt-every`` steps and resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from .build import PATCH, POPE_SUFFIX, TEXT_LAYERS, build_model, build_processor
 from .data import collate, make_samples
+from .vision_pretrain import pretrain_vision
 from .world import IMAGE_SIZE, NAMES, WorldConfig, render, sample_scene
 
 
@@ -75,22 +78,30 @@ def train(
     out: Path, steps: int = 12000, text_steps: int = 500, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
     weight_decay: float = 0.01, seed: int = 0, ckpt_every: int = 500, log_every: int = 100,
     max_minutes: float | None = None, resume: bool = True, threads: int = 2, image_size: int = IMAGE_SIZE,
-    patch: int = PATCH, text_layers: int = TEXT_LAYERS,
+    patch: int = PATCH, text_layers: int = TEXT_LAYERS, vision_steps: int = 0, freeze_vision: bool = False,
+    class_balanced: bool = False, noisy_answers: bool = False,
 ) -> Path:  # fmt: skip
     """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path."""
     torch.set_num_threads(threads)
+    started = time.time()  # the wall-clock cap and the final report count every stage
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor(image_size, patch)
     model = build_model(processor.tokenizer, seed, image_size, patch, text_layers)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
-    ckpt, start = out / "ckpt.pt", 0
+    ckpt, start, state = out / "ckpt.pt", 0, None
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
         start = int(state["step"])
         print(f"resumed at step {start}", flush=True)
+    elif vision_steps:
+        pretrain_vision(model, processor, vision_steps, seed, log=lambda m: print(m, flush=True))
+    if freeze_vision:  # as LLaVA does: the language model learns to read the pretrained features as they are
+        model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
     probe = probe_set(processor)
     cfg, t0, total = WorldConfig(), time.time(), text_steps + steps
     seen, running = 0, 0.0
@@ -98,13 +109,15 @@ def train(
         text_only = step < text_steps
         progress = 0.0 if text_only else (step - text_steps) / max(1, steps)
         rng = random.Random(f"testbed-train-{seed}-{step}")
-        data = collate(processor, make_samples(rng, batch, text_only, progress, cfg))
+        samples = make_samples(rng, batch, text_only, progress, cfg, class_balanced=class_balanced,
+                               noisy_answers=noisy_answers)  # fmt: skip
+        data = collate(processor, samples)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, warmup)
         loss = sample_mean_loss(model, data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         seen += batch
         running += loss.item()
@@ -117,7 +130,7 @@ def train(
                 msg += f" probe-acc {acc:.3f} yes-share {yes:.2f}"
             print(msg, flush=True)
             running = 0.0
-        over = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+        over = max_minutes is not None and time.time() - started > 60 * max_minutes
         if done % ckpt_every == 0 or done == total or over:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
         if over:
@@ -127,15 +140,16 @@ def train(
     model.eval()
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    print(f"saved {final} after {time.time() - t0:.0f}s", flush=True)
+    print(f"saved {final} after {time.time() - started:.0f}s", flush=True)
     return final
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("testbed_run"))
-    ap.add_argument("--steps", type=int, default=12000, help="multimodal steps")
-    ap.add_argument("--text-steps", type=int, default=500, help="text-only steps first")
+    # CLI defaults are the shipped weights' recipe (MODEL_CARD.md): `--out DIR` alone reproduces them
+    ap.add_argument("--steps", type=int, default=2000, help="multimodal steps")
+    ap.add_argument("--text-steps", type=int, default=300, help="text-only steps first")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--warmup", type=int, default=300)
@@ -149,10 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (the world renders 48)")
     ap.add_argument("--patch", type=int, default=PATCH, help="vision patch side: (image size / patch)^2 tokens")
     ap.add_argument("--text-layers", type=int, default=TEXT_LAYERS)
+    ap.add_argument("--vision-steps", type=int, default=300, help="vision-tower pretraining steps first (batch 64)")
+    bool_flag = argparse.BooleanOptionalAction
+    ap.add_argument("--freeze-vision", action=bool_flag, default=True, help="keep the vision tower fixed after stage 0")
+    ap.add_argument("--class-balanced", action="store_true", help="first question: uniform class, half yes")
+    ap.add_argument("--noisy-answers", action=bool_flag, default=True, help="yes/no answers share the captions' noise")
     a = ap.parse_args(argv)
     train(
         a.out, a.steps, a.text_steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed, a.ckpt_every, a.log_every,
-        a.max_minutes, not a.no_resume, a.threads, a.image_size, a.patch, a.text_layers,
+        a.max_minutes, not a.no_resume, a.threads, a.image_size, a.patch, a.text_layers, a.vision_steps,
+        a.freeze_vision, a.class_balanced, a.noisy_answers,
     )  # fmt: skip
 
 
