@@ -80,12 +80,12 @@ def test_vision_pretraining_trains_the_tower_only_and_freezing_keeps_it(tmp_path
 
     from lvlm_steer.testbed.train import train
 
-    kwargs = dict(steps=2, text_steps=1, batch=4, warmup=1, log_every=100, threads=1)
+    kwargs = dict(steps=2, text_steps=1, batch=4, warmup=1, log_every=100, threads=1, vision_steps=0)
     init = load_file(train(tmp_path / "init", **{**kwargs, "steps": 0, "text_steps": 0}) / "model.safetensors")
     vision_only = load_file(
         train(tmp_path / "v", **{**kwargs, "steps": 0, "text_steps": 0, "vision_steps": 3}) / "model.safetensors"
     )
-    frozen = load_file(train(tmp_path / "f", **kwargs, vision_steps=3, freeze_vision=True) / "model.safetensors")
+    frozen = load_file(train(tmp_path / "f", **{**kwargs, "vision_steps": 3}) / "model.safetensors")  # frozen: default
     tower = [k for k in init if "vision_tower" in k]
     assert tower and len(tower) < len(init)
     assert any(not torch.equal(init[k], vision_only[k]) for k in tower)

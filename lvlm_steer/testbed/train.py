@@ -11,6 +11,7 @@ of steps). Deterministic given the seed and thread count; checkpoints every ``--
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import random
 import time
@@ -75,13 +76,15 @@ def probe_accuracy(model, processor, probe) -> tuple[float, float]:
 
 
 def train(
-    out: Path, steps: int = 12000, text_steps: int = 500, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
+    out: Path, steps: int = 2000, text_steps: int = 300, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
     weight_decay: float = 0.01, seed: int = 0, ckpt_every: int = 500, log_every: int = 100,
     max_minutes: float | None = None, resume: bool = True, threads: int = 2, image_size: int = IMAGE_SIZE,
-    patch: int = PATCH, text_layers: int = TEXT_LAYERS, vision_steps: int = 0, freeze_vision: bool = False,
-    class_balanced: bool = False, noisy_answers: bool = False,
+    patch: int = PATCH, text_layers: int = TEXT_LAYERS, vision_steps: int = 300, freeze_vision: bool = True,
+    class_balanced: bool = False, noisy_answers: bool = True,
 ) -> Path:  # fmt: skip
-    """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path."""
+    """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path.
+
+    The defaults are the shipped weights' recipe (MODEL_CARD.md); the CLI takes its defaults from here."""
     torch.set_num_threads(threads)
     started = time.time()  # the wall-clock cap and the final report count every stage
     out.mkdir(parents=True, exist_ok=True)
@@ -145,35 +148,30 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
+    d = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("testbed_run"))
-    # CLI defaults are the shipped weights' recipe (MODEL_CARD.md): `--out DIR` alone reproduces them
-    ap.add_argument("--steps", type=int, default=2000, help="multimodal steps")
-    ap.add_argument("--text-steps", type=int, default=300, help="text-only steps first")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ckpt-every", type=int, default=500)
-    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=d["steps"], help="multimodal steps")
+    ap.add_argument("--text-steps", type=int, default=d["text_steps"], help="text-only steps first")
+    ap.add_argument("--batch", type=int, default=d["batch"])
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--warmup", type=int, default=d["warmup"])
+    ap.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    ap.add_argument("--seed", type=int, default=d["seed"])
+    ap.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
+    ap.add_argument("--log-every", type=int, default=d["log_every"])
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--threads", type=int, default=d["threads"])
+    ap.add_argument("--no-resume", dest="resume", action="store_false")
     ap.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input side (the world renders 48)")
     ap.add_argument("--patch", type=int, default=PATCH, help="vision patch side: (image size / patch)^2 tokens")
     ap.add_argument("--text-layers", type=int, default=TEXT_LAYERS)
-    ap.add_argument("--vision-steps", type=int, default=300, help="vision-tower pretraining steps first (batch 64)")
-    bool_flag = argparse.BooleanOptionalAction
-    ap.add_argument("--freeze-vision", action=bool_flag, default=True, help="keep the vision tower fixed after stage 0")
-    ap.add_argument("--class-balanced", action="store_true", help="first question: uniform class, half yes")
-    ap.add_argument("--noisy-answers", action=bool_flag, default=True, help="yes/no answers share the captions' noise")
-    a = ap.parse_args(argv)
-    train(
-        a.out, a.steps, a.text_steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed, a.ckpt_every, a.log_every,
-        a.max_minutes, not a.no_resume, a.threads, a.image_size, a.patch, a.text_layers, a.vision_steps,
-        a.freeze_vision, a.class_balanced, a.noisy_answers,
-    )  # fmt: skip
+    ap.add_argument("--vision-steps", type=int, default=d["vision_steps"], help="vision pretraining steps (batch 64)")
+    flag = argparse.BooleanOptionalAction
+    ap.add_argument("--freeze-vision", action=flag, default=d["freeze_vision"], help="fix the tower after stage 0")
+    ap.add_argument("--class-balanced", action=flag, default=d["class_balanced"], help="first question: any class")
+    ap.add_argument("--noisy-answers", action=flag, default=d["noisy_answers"], help="answers share caption noise")
+    train(**vars(ap.parse_args(argv)))
 
 
 if __name__ == "__main__":
