@@ -40,7 +40,7 @@ def test_natural_questions_follow_popularity():
     for s in samples:
         asked[_asked(s.prompt)] += 1
         said_yes[_asked(s.prompt)] += s.answer == " Yes"
-    assert said_yes["chair"] / asked["chair"] > 0.6 > 0.3 > said_yes["umbrella"] / asked["umbrella"]
+    assert said_yes["chair"] / asked["chair"] > 0.6 > 0.3 > said_yes["scissors"] / asked["scissors"]
 
 
 @pytest.mark.parametrize("balanced", [False, True])

@@ -20,7 +20,7 @@ from transformers import (
 
 from lvlm_steer.testing.processors import chat_template
 
-from .world import CATEGORIES, IMAGE_SIZE, caption, sample_scene
+from .world import CATEGORIES, IMAGE_SIZE, WorldConfig, caption, sample_scene
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 PATCH = 6  # defaults describe the shipped weights (their config.json is what loading reads)
@@ -42,10 +42,15 @@ def question_formats(name: str) -> list[str]:
     ]
 
 
+# The tokenizer's corpus is pinned, so the world knobs a training run sets (`--caption-noise`, ...) do not change
+# the vocabulary; these are the settings the shipped tokenizer was built with.
+CORPUS_WORLD = WorldConfig(pair_probability=0.6, caption_noise=0.5)
+
+
 def corpus(seed: int = 0) -> list[str]:
     """Text the BPE learns its merges from: captions of sampled scenes, every question wording, chat markers."""
     rng = random.Random(f"testbed-corpus-{seed}")
-    lines = [caption(sample_scene(rng), rng)[0] for _ in range(2000)]
+    lines = [caption(sample_scene(rng, CORPUS_WORLD), rng, CORPUS_WORLD)[0] for _ in range(2000)]
     for _, name, *_ in CATEGORIES:
         lines += question_formats(name) * 40
     lines += [f"USER: {CAPTION_PROMPT}\nASSISTANT: There is", "ASSISTANT: Yes", "ASSISTANT: No"] * 300

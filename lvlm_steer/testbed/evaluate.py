@@ -24,7 +24,7 @@ from lvlm_steer.evals.pope import DEFAULT_PROMPT_SUFFIX, build_pope, parse_answe
 from lvlm_steer.evals.runner import chat_text
 
 from . import load_testbed
-from .world import write_coco
+from .world import PARTNER, write_coco
 
 
 def held_out(root: Path, n_images: int, seed: int = 2026) -> dict[str, Path]:
@@ -59,8 +59,39 @@ def first_tokens(model, processor, pairs: list[tuple[Path, str]], batch: int = 6
     return out
 
 
+def present_by_image(instances: Path) -> dict[str, set[str]]:
+    """Image file name -> the category names annotated in it."""
+    coco = json.loads(Path(instances).read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    present: dict[str, set[str]] = defaultdict(set)
+    for a in coco["annotations"]:
+        present[files[a["image_id"]]].add(names[a["category_id"]])
+    return present
+
+
+def asked_class(question: str) -> str:
+    return question.split(" ")[-4]  # "Is there a X in the image?" -> X
+
+
+def partner_false_yes(questions: list, preds: list[str], present: dict[str, set[str]]) -> dict[str, Any]:
+    """Where a split's false "yes" answers fall: on absent partners of present objects (the co-occurrence
+    hallucination the adversarial split targets) or on other absent classes."""
+    counts = {"partner": [0, 0], "other": [0, 0]}  # [negatives, false yes]
+    for q, pred in zip(questions, preds, strict=True):
+        if q.label == "no":
+            kind = "partner" if PARTNER.get(asked_class(q.text)) in present[q.image] else "other"
+            counts[kind][0] += 1
+            counts[kind][1] += pred == "yes"
+    return {"partner_negatives": counts["partner"][0],
+            "partner_false_yes": counts["partner"][1] / max(1, counts["partner"][0]),
+            "other_negatives": counts["other"][0],
+            "other_false_yes": counts["other"][1] / max(1, counts["other"][0])}  # fmt: skip
+
+
 def pope_numbers(model, processor, data: dict[str, Path], n_images: int, out: Path) -> dict[str, Any]:
     questions = build_pope(data["instances"], n_images=n_images, seed=0, out_dir=out / "pope")
+    present = present_by_image(data["instances"])
     unique = sorted({(q.image, q.text) for qs in questions.values() for q in qs})
     pairs = [(data["images_dir"] / img, f"{text} {DEFAULT_PROMPT_SUFFIX}") for img, text in unique]
     answers = dict(zip(unique, first_tokens(model, processor, pairs), strict=True))
@@ -68,9 +99,9 @@ def pope_numbers(model, processor, data: dict[str, Path], n_images: int, out: Pa
     margins: dict[str, list[float]] = defaultdict(list)
     for split, qs in questions.items():
         preds = [parse_answer(answers[(q.image, q.text)][0]) for q in qs]
-        result[split] = pope_metrics([q.label for q in qs], preds)
+        result[split] = pope_metrics([q.label for q in qs], preds) | partner_false_yes(qs, preds, present)
     for (_, text), (_, margin) in answers.items():
-        margins[text.split(" ")[-4]].append(margin)  # "Is there a X in the image?" -> X
+        margins[asked_class(text)].append(margin)
     result["yes_minus_no_margin_by_class"] = {c: sum(v) / len(v) for c, v in sorted(margins.items())}
     return result
 
@@ -131,12 +162,14 @@ def attention_numbers(data: dict[str, Path], n: int = 64, weights: Path | None =
 def card_tables(result: dict[str, Any]) -> str:
     """The measured part of MODEL_CARD.md, as Markdown."""
     pope, chair, inner = result["pope"], result["chair"], result["internals"]
-    lines = ["| POPE split | accuracy | F1 | precision | recall | yes ratio | n |", "|---|---|---|---|---|---|---|"]
+    lines = ["| POPE split | accuracy | F1 | precision | recall | yes ratio | n | absent partners asked "
+             "| false yes on them | false yes on other absent |", "|" + "---|" * 10]  # fmt: skip
     for split in ("random", "popular", "adversarial"):
         m = pope[split]
         lines.append(
             f"| {split} | {100 * m['accuracy']:.1f} | {100 * m['f1']:.1f} | {100 * m['precision']:.1f} | "
-            f"{100 * m['recall']:.1f} | {100 * m['yes_ratio']:.1f} | {m['n']} |"
+            f"{100 * m['recall']:.1f} | {100 * m['yes_ratio']:.1f} | {m['n']} | {m['partner_negatives']} | "
+            f"{100 * m['partner_false_yes']:.1f}% | {100 * m['other_false_yes']:.1f}% |"
         )
     lines += ["", "| CHAIR_s | CHAIR_i | recall | mean length (words) | captions | mentions |", "|" + "---|" * 6]
     lines.append(

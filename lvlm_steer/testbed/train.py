@@ -22,7 +22,7 @@ import torch
 from .build import PATCH, POPE_SUFFIX, TEXT_LAYERS, build_model, build_processor
 from .data import collate, make_samples
 from .vision_pretrain import pretrain_vision
-from .world import IMAGE_SIZE, NAMES, WorldConfig, render, sample_scene
+from .world import DEFAULT_WORLD, IMAGE_SIZE, NAMES, WorldConfig, render, sample_scene
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -77,10 +77,11 @@ def probe_accuracy(model, processor, probe) -> tuple[float, float]:
 
 def train(
     out: Path, steps: int = 2000, text_steps: int = 300, batch: int = 32, lr: float = 1.5e-3, warmup: int = 300,
-    weight_decay: float = 0.01, seed: int = 0, ckpt_every: int = 500, log_every: int = 100,
+    weight_decay: float = 0.01, seed: int = 2, ckpt_every: int = 500, log_every: int = 100,
     max_minutes: float | None = None, resume: bool = True, threads: int = 2, image_size: int = IMAGE_SIZE,
     patch: int = PATCH, text_layers: int = TEXT_LAYERS, vision_steps: int = 300, freeze_vision: bool = True,
     class_balanced: bool = False, noisy_answers: bool = True,
+    pair_probability: float = DEFAULT_WORLD.pair_probability, caption_noise: float = DEFAULT_WORLD.caption_noise,
 ) -> Path:  # fmt: skip
     """Train (or resume) into ``out``; save the final model + processor to ``out/final``; return that path.
 
@@ -88,6 +89,7 @@ def train(
     torch.set_num_threads(threads)
     started = time.time()  # the wall-clock cap and the final report count every stage
     out.mkdir(parents=True, exist_ok=True)
+    cfg = WorldConfig(pair_probability=pair_probability, caption_noise=caption_noise)
     processor = build_processor(image_size, patch)
     model = build_model(processor.tokenizer, seed, image_size, patch, text_layers)
     model.train()
@@ -98,7 +100,7 @@ def train(
         start = int(state["step"])
         print(f"resumed at step {start}", flush=True)
     elif vision_steps:
-        pretrain_vision(model, processor, vision_steps, seed, log=lambda m: print(m, flush=True))
+        pretrain_vision(model, processor, vision_steps, seed, cfg=cfg, log=lambda m: print(m, flush=True))
     if freeze_vision:  # as LLaVA does: the language model learns to read the pretrained features as they are
         model.model.vision_tower.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +108,7 @@ def train(
     if state is not None:
         opt.load_state_dict(state["opt"])
     probe = probe_set(processor)
-    cfg, t0, total = WorldConfig(), time.time(), text_steps + steps
+    t0, total = time.time(), text_steps + steps
     seen, running = 0, 0.0
     for step in range(start, total):
         text_only = step < text_steps
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--freeze-vision", action=flag, default=d["freeze_vision"], help="fix the tower after stage 0")
     ap.add_argument("--class-balanced", action=flag, default=d["class_balanced"], help="first question: any class")
     ap.add_argument("--noisy-answers", action=flag, default=d["noisy_answers"], help="answers share caption noise")
+    ap.add_argument("--pair-probability", type=float, default=d["pair_probability"], help="world: partner added")
+    ap.add_argument("--caption-noise", type=float, default=d["caption_noise"], help="world: absent partner named")
     train(**vars(ap.parse_args(argv)))
 
 

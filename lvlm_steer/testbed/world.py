@@ -1,9 +1,10 @@
 """The synthetic world of the testbed: COCO categories drawn as PIL icons, with a known co-occurrence prior.
 
 Each scene holds 1-5 distinct categories (one icon each, random position and size, icons may overlap) on a muted,
-textured background. Categories are drawn with a popularity skew; a few pairs (fork and knife, ...) usually come
-together. Training captions list the objects with partners next to each other and, at a controlled rate, name an
-absent partner right after its present one: the noisy-caption route by which real LVLMs learn to hallucinate.
+textured background. Categories are drawn with a popularity skew; every category has a partner (fork and knife,
+...) that often comes with it. Training captions list the objects with partners next to each other and, at a
+controlled rate, name an absent partner right after its present one: the noisy-caption route by which real LVLMs
+learn to hallucinate.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ CATEGORIES: tuple[tuple[int, str, str, float, str, tuple[int, int, int]], ...] =
     (28, "umbrella", "accessory", 0.8, "triangle", (150, 30, 200)),
 )
 # Co-occurrence pairs: when one is in a scene, the other is added with probability `WorldConfig.pair_probability`.
-PAIRS: tuple[tuple[str, str], ...] = (("fork", "knife"), ("cup", "spoon"), ("apple", "banana"), ("book", "clock"))
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("fork", "knife"), ("cup", "spoon"), ("apple", "banana"), ("book", "clock"), ("bowl", "orange"),
+    ("pizza", "bottle"), ("donut", "cake"), ("vase", "scissors"), ("chair", "umbrella"),
+)  # fmt: skip
 
 NAMES = {cid: name for cid, name, *_ in CATEGORIES}
 IDS = {name: cid for cid, name, *_ in CATEGORIES}
@@ -53,8 +57,8 @@ class WorldConfig:
 
     min_objects: int = 1
     max_objects: int = 5
-    pair_probability: float = 0.85
-    caption_noise: float = 0.3  # chance a caption names an absent partner, when the scene has one to name
+    pair_probability: float = 0.6
+    caption_noise: float = 0.6  # chance a caption names an absent partner, when the scene has one to name
     min_size: int = 7
     max_size: int = 16
     image_size: int = IMAGE_SIZE
