@@ -21,6 +21,7 @@ from PIL import Image
 
 from lvlm_steer.evals.chair import DEFAULT_CHAIR_PROMPT, chair_scores, load_ground_truth
 from lvlm_steer.evals.pope import DEFAULT_PROMPT_SUFFIX, build_pope, parse_answer, pope_metrics
+from lvlm_steer.evals.pope.data import PopeQuestion
 from lvlm_steer.evals.runner import chat_text
 
 from . import load_testbed
@@ -74,7 +75,7 @@ def asked_class(question: str) -> str:
     return question.split(" ")[-4]  # "Is there a X in the image?" -> X
 
 
-def partner_false_yes(questions: list, preds: list[str], present: dict[str, set[str]]) -> dict[str, Any]:
+def partner_false_yes(questions: list[PopeQuestion], preds: list[str], present: dict[str, set[str]]) -> dict[str, Any]:
     """Where a split's false "yes" answers fall: on absent partners of present objects (the co-occurrence
     hallucination the adversarial split targets) or on other absent classes."""
     counts = {"partner": [0, 0], "other": [0, 0]}  # [negatives, false yes]
