@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .build import PATCH, POPE_SUFFIX, TEXT_LAYERS, build_model, build_processor
+from .build import PATCH, TEXT_LAYERS, build_model, build_processor, question_formats
 from .data import collate, make_samples
 from .vision_pretrain import pretrain_vision
 from .world import DEFAULT_WORLD, IMAGE_SIZE, NAMES, WorldConfig, render, sample_scene
@@ -42,20 +42,20 @@ def sample_mean_loss(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((losses * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
 
 
-def probe_set(processor, n: int = 128, seed: int = 99) -> tuple[dict, torch.Tensor]:
-    """Held-out exact-POPE-wording questions (half yes) for progress logs: (inputs, labels 1=yes)."""
+def probe_set(processor, cfg: WorldConfig, n: int = 128, seed: int = 99) -> tuple[dict, torch.Tensor]:
+    """Held-out exact-POPE-wording questions (half yes) about scenes of the trained world, for progress logs:
+    (inputs, labels 1=yes)."""
     rng = random.Random(f"testbed-probe-{seed}")
     names = list(NAMES.values())
     images, texts, labels = [], [], []
     for i in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, cfg)
         yes = i % 2 == 0
         name = rng.choice(scene.objects if yes else [x for x in names if x not in scene.objects])
-        art = ("an " if name[0] in "aeiou" else "a ") + name
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                 "text": f"Is there {art} in the image? {POPE_SUFFIX}"}]}]  # fmt: skip
+        pope_wording = question_formats(name)[-1]
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pope_wording}]}]
         texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
-        images.append([render(scene)])
+        images.append([render(scene, cfg)])
         labels.append(int(yes))
     return dict(processor(images=images, text=texts, padding=True, return_tensors="pt")), torch.tensor(labels)
 
@@ -107,7 +107,7 @@ def train(
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     if state is not None:
         opt.load_state_dict(state["opt"])
-    probe = probe_set(processor)
+    probe = probe_set(processor, cfg)
     t0, total = time.time(), text_steps + steps
     seen, running = 0, 0.0
     for step in range(start, total):
