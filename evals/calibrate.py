@@ -42,7 +42,7 @@ def calibrate_act(
 
     import lvlm_steer as ls
 
-    items, data, _ = pope_items(question_files, images_dir, limit=limit)
+    items, data, *_ = pope_items(question_files, images_dir, limit=limit)
     info = ls.adapter_for(model).info
     layers = list(layers) if layers is not None else list(range(2, info.num_layers - 1))
     bad = [layer for layer in layers if not 0 <= layer < info.num_layers]

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_steer.evals.chair import DEFAULT_CHAIR_PROMPT, chair_scores, image_files, load_ground_truth
+from lvlm_steer.evals.images import SKIP_HINT, image_problem
 from lvlm_steer.evals.pope import file_sha256
-from lvlm_steer.evals.run_state import claim_out_dir, write_summary
-from lvlm_steer.evals.runner import Condition, EvalItem, Runner, Shard, mark_done, merge_shards
+from lvlm_steer.evals.run_state import write_summary
+from lvlm_steer.evals.runner import Condition, EvalItem
+from lvlm_steer.evals.session import run_eval
 
 
 def find_annotations(coco_annotations: str | Path) -> tuple[Path, Path | None]:
@@ -32,24 +34,27 @@ def find_annotations(coco_annotations: str | Path) -> tuple[Path, Path | None]:
 
 def chair_items(
     instances: Path, images_dir: str | Path, n_images: int, seed: int, prompt: str, skip_missing: bool
-) -> tuple[list[EvalItem], list[str]]:
+) -> tuple[list[EvalItem], list[str], list[str]]:
+    """(items, skipped missing images, skipped unreadable images) for a seeded sample of ``n_images``."""
     files = image_files(instances)
     ids = sorted(files)
     if n_images > len(ids):
         raise ValueError(f"--n-images {n_images} is more than the {len(ids)} images in {instances}")
     chosen = random.Random(seed).sample(ids, n_images)
-    items, skipped = [], []
+    items, missing, unreadable = [], [], []
     for image_id in chosen:
         image = Path(images_dir) / files[image_id]
-        if not image.is_file():
+        problem = image_problem(image)
+        if problem is not None:
             if not skip_missing:
-                raise FileNotFoundError(f"image {image} is missing; check --images, or pass --skip-missing")
-            skipped.append(str(image))
+                state = "is missing; check --images" if problem == "missing" else f"cannot be read ({problem})"
+                raise FileNotFoundError(f"image {image} {state}; {SKIP_HINT}")
+            (missing if problem == "missing" else unreadable).append(str(image))
             continue
         items.append(EvalItem(str(image_id), image, prompt, {"image_id": image_id, "image": files[image_id]}))
     if not items:
         raise ValueError("no images to caption")
-    return items, skipped
+    return items, missing, unreadable
 
 
 def evaluate_chair(
@@ -71,47 +76,58 @@ def evaluate_chair(
     started = time.time()
     out_dir = Path(out_dir)
     instances, captions = find_annotations(coco_annotations)
-    items, skipped = chair_items(instances, images_dir, n_images, seed, prompt, skip_missing)
+    items, missing, unreadable = chair_items(instances, images_dir, n_images, seed, prompt, skip_missing)
     data = [{"path": str(p), "sha256": file_sha256(p)} for p in (instances, captions) if p is not None]
-    shard = Shard.from_env()
-    claim_out_dir(
-        out_dir,
-        {
-            "task": "chair",
-            "model": model_name,
-            "data": [d["sha256"] for d in data],
-            "n_images": n_images,
-            "seed": seed,
-            "prompt": prompt,
-            "max_new_tokens": max_new_tokens,
-        },
-    )
-    runner = Runner(model, processor, out_dir, batch_size, max_new_tokens, progress, shard)
-    runner.run(items, conditions, lambda item, answer: {})
-    mark_done(out_dir, shard)
-    if shard.rank != 0:
-        return None
-    records = merge_shards(out_dir, shard.world, [i.id for i in items])
-    truth = load_ground_truth(instances, captions)
-    metrics = {}
-    for c in conditions:
-        caps = {int(r["image_id"]): r["answer"] for r in records if r["method"] == c.label}
-        metrics[c.label] = chair_scores(caps, truth)
-    summary = {
+    identity = {
         "task": "chair",
         "model": model_name,
-        "methods": [c.label for c in conditions],
-        "metrics": metrics,
-        "data": data,
-        "config": {
-            "n_images": n_images,
-            "seed": seed,
-            "prompt": prompt,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "decoding": "greedy",
-            "ground_truth": "instances + reference captions" if captions else "instances only",
-        },
-        "counts": {"records": len(records), "skipped_missing_images": len(skipped)},
+        "data": [d["sha256"] for d in data],
+        "n_images": n_images,
+        "seed": seed,
+        "prompt": prompt,
     }
-    return write_summary(out_dir, summary, started)
+
+    def summarize(records: list[dict[str, Any]], unreadable_in_run: list[str]) -> dict[str, Any]:
+        truth = load_ground_truth(instances, captions)
+        metrics = {}
+        for c in conditions:
+            caps = {int(r["image_id"]): r["answer"] for r in records if r["method"] == c.label}
+            metrics[c.label] = chair_scores(caps, truth)
+            metrics[c.label]["empty_answers"] = sum(not caption.strip() for caption in caps.values())
+        summary = {
+            "task": "chair",
+            "model": model_name,
+            "methods": [c.label for c in conditions],
+            "metrics": metrics,
+            "data": data,
+            "config": {
+                "n_images": n_images,
+                "seed": seed,
+                "prompt": prompt,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "decoding": "greedy",
+                "ground_truth": "instances + reference captions" if captions else "instances only",
+            },
+            "counts": {
+                "records": len(records),
+                "skipped_missing_images": len(missing),
+                "skipped_unreadable_images": len(set(unreadable) | set(unreadable_in_run)),
+            },
+        }
+        return write_summary(out_dir, summary, started)
+
+    return run_eval(
+        model,
+        processor,
+        out_dir,
+        identity,
+        items,
+        conditions,
+        lambda item, answer: {},
+        summarize,
+        batch_size,
+        max_new_tokens,
+        skip_unreadable=skip_missing,
+        progress=progress,
+    )

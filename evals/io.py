@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -92,25 +92,35 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file and rename it over ``path``: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_replacing(path, [json.dumps(data, indent=2, ensure_ascii=False) + "\n"])
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write a whole JSON-lines file atomically (used when merging shards)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_replacing(Path(path), (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def _write_replacing(path: Path, chunks: Iterable[str]) -> None:
+    """Write ``chunks`` to a temporary file beside ``path``, make it durable, rename it over ``path``; on an error
+    (a full disk) remove the temporary file and re-raise."""
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new ``<name>.<random>.tmp`` next to ``path``, created with the umask's permissions (mkstemp's are 0600,
+    which would make every result file private whatever the user's umask). A killed run's leftovers end in .tmp."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def _truncate_partial_last_line(path: Path) -> None:

@@ -30,7 +30,10 @@ def load_summary(run: str | Path) -> dict[str, Any]:
     path = Path(run) / SUMMARY_FILE if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run} an eval output folder (lvlm-steer eval ... --out)?")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # a torn or hand-edited file
+        raise ValueError(f"{path} is not valid JSON ({exc}); rerun the eval with the same --out to rewrite it") from exc
 
 
 def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -4,12 +4,13 @@ For each condition (no method, or one or more methods applied together) it gener
 left-padded batches, loading the next batch's images while the current one generates, and appends one JSON record
 per item to ``results.jsonl`` (flushed per record). A rerun with the same output folder skips what is already
 there, so an interrupted run loses at most the batch in flight. Under ``accelerate launch`` (or any launcher that
-sets RANK/WORLD_SIZE) each process takes every WORLD_SIZE-th item, writes its own part, and rank 0 merges.
+sets RANK/WORLD_SIZE) each process takes every WORLD_SIZE-th item, writes its own part, and rank 0 merges
+(`lvlm_steer.evals.shards`). An image that cannot be decoded stops the run with its name, or with
+``skip_unreadable`` is left out and listed in ``Runner.unreadable``.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 
 import lvlm_steer as ls
+from lvlm_steer.evals.images import UnreadableImageError, open_rgb
 from lvlm_steer.evals.io import JsonlAppender, read_jsonl, write_jsonl
+from lvlm_steer.evals.shards import Shard
 from lvlm_steer.method import Method
 
 RESULTS = "results.jsonl"
@@ -57,17 +60,9 @@ def parse_conditions(specs: Sequence[str]) -> list[Condition]:
     return conditions
 
 
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> Shard:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    def results_path(self, out_dir: Path) -> Path:
-        return out_dir / (RESULTS if self.world == 1 else f"results.rank{self.rank}.jsonl")
+def results_path(out_dir: Path, shard: Shard) -> Path:
+    """The file this process appends to: results.jsonl alone, its own part under several processes."""
+    return out_dir / (RESULTS if shard.world == 1 else f"results.rank{shard.rank}.jsonl")
 
 
 def existing_records(out_dir: Path) -> list[dict[str, Any]]:
@@ -87,6 +82,8 @@ class Runner:
     max_new_tokens: int = 16
     progress: bool = True
     shard: Shard = field(default_factory=Shard.from_env)
+    skip_unreadable: bool = False
+    unreadable: set[str] = field(default_factory=set)  # images left out because they could not be decoded
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -106,7 +103,7 @@ class Runner:
         done = {(r["method"], r["id"]) for r in existing_records(self.out_dir)}
         mine = [item for i, item in enumerate(items) if i % self.shard.world == self.shard.rank]
         new: list[dict[str, Any]] = []
-        with JsonlAppender(self.shard.results_path(self.out_dir)) as sink:
+        with JsonlAppender(results_path(self.out_dir, self.shard)) as sink:
             for condition in conditions:
                 todo = [item for item in mine if (condition.label, item.id) not in done]
                 if not todo:
@@ -124,10 +121,12 @@ class Runner:
         try:
             with ThreadPoolExecutor(max_workers=1) as loader:
                 upcoming = loader.submit(self._prepare, batches[0])
-                for k, batch in enumerate(batches):
-                    inputs = upcoming.result()
+                for k in range(len(batches)):
+                    batch, inputs = upcoming.result()
                     if k + 1 < len(batches):  # load the next images while this batch generates
                         upcoming = loader.submit(self._prepare, batches[k + 1])
+                    if not batch:  # every image of this batch was unreadable and skipped
+                        continue
                     start = time.perf_counter()
                     answers = self._generate(steering, inputs)
                     seconds = (time.perf_counter() - start) / len(batch)
@@ -144,21 +143,31 @@ class Runner:
                         sink.write(record)
                         records.append(record)
                     sink.sync()
-                    bar.update(len(batch))
+                    bar.update(len(batches[k]))
         finally:
             bar.close()
             if steering is not None:
                 steering.remove()
         return records
 
-    def _prepare(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
-        from PIL import Image
-
-        images = [[Image.open(item.image).convert("RGB")] for item in batch]
-        texts = [chat_text(self.processor, item.prompt) for item in batch]
+    def _prepare(self, batch: Sequence[EvalItem]) -> tuple[list[EvalItem], dict[str, Any] | None]:
+        """(the items whose image decoded, their processor inputs); unreadable images raise or are skipped."""
+        kept, images = [], []
+        for item in batch:
+            try:
+                images.append([open_rgb(item.image)])
+            except UnreadableImageError:
+                if not self.skip_unreadable:
+                    raise
+                self.unreadable.add(str(item.image))
+                continue
+            kept.append(item)
+        if not kept:
+            return kept, None
+        texts = [chat_text(self.processor, item.prompt) for item in kept]
         inputs = dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
         # the raw image and question per row, for methods that refine the image itself (CARVE)
-        return inputs | {"images": [group[0] for group in images], "questions": [item.prompt for item in batch]}
+        return kept, inputs | {"images": [group[0] for group in images], "questions": [item.prompt for item in kept]}
 
     def _generate(self, steering, inputs: dict[str, Any]) -> list[str]:
         device = next(self.model.parameters()).device
@@ -177,7 +186,8 @@ def answer_items(runner: Runner, items: Sequence[EvalItem], methods: Sequence[Me
     try:
         answers: list[str] = []
         for k in range(0, len(items), runner.batch_size):
-            answers += runner._generate(steering, runner._prepare(items[k : k + runner.batch_size]))
+            _, inputs = runner._prepare(items[k : k + runner.batch_size])  # skip_unreadable is off: all kept
+            answers += runner._generate(steering, inputs)
         return answers
     finally:
         if steering is not None:
@@ -190,21 +200,19 @@ def chat_text(processor: Any, prompt: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def merge_shards(out_dir: Path, world: int, order: Sequence[str], timeout_s: float = 24 * 3600) -> list[dict]:
-    """Rank 0: wait for every rank's done-marker, merge all parts into results.jsonl (no duplicates), clean up."""
-    deadline = time.monotonic() + timeout_s
-    markers = [out_dir / f"rank{r}.done" for r in range(world)]
-    while not all(m.exists() for m in markers):
-        if time.monotonic() > deadline:
-            missing = [m.name for m in markers if not m.exists()]
-            raise TimeoutError(f"ranks did not finish: {missing} missing in {out_dir}")
-        time.sleep(0.5)
-    records = dedupe(existing_records(out_dir), order)
-    write_jsonl(out_dir / RESULTS, records)
-    for part in out_dir.glob("results.rank*.jsonl"):
+def merge_parts(out_dir: Path, order: Sequence[str]) -> list[dict]:
+    """Rank 0, once every process has finished: all records in one results.jsonl (no duplicates, in order).
+
+    The file is replaced only when that changes it (parts to fold in, duplicates, order), and only after every
+    writer has closed it: the caller holds the folder's lock and has heard "done" from every rank.
+    """
+    parts = sorted(out_dir.glob("results.rank*.jsonl"))
+    current = list(read_jsonl(out_dir / RESULTS))
+    records = dedupe(current + [r for part in parts for r in read_jsonl(part)], order)
+    if parts or records != current:
+        write_jsonl(out_dir / RESULTS, records)
+    for part in parts:
         part.unlink()
-    for marker in markers:
-        marker.unlink()
     return records
 
 
@@ -216,7 +224,3 @@ def dedupe(records: list[dict[str, Any]], order: Sequence[str]) -> list[dict[str
         unique.setdefault((r["method"], r["id"]), r)
     methods = list(dict.fromkeys(r["method"] for r in records))
     return sorted(unique.values(), key=lambda r: (methods.index(r["method"]), position.get(r["id"], len(position))))
-
-
-def mark_done(out_dir: Path, shard: Shard) -> None:
-    (out_dir / f"rank{shard.rank}.done").write_text("done\n")

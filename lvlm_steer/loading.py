@@ -49,15 +49,37 @@ def load_model(
 
         model, processor, _ = benchmark_model(spec.partition(":")[2] or "full")
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
-        processor = AutoProcessor.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        model, processor = _from_pretrained(spec, DTYPES[dtype], attn_implementation, trust_remote_code)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything with a leading ``/ . ~``, a backslash or two slashes is a path."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+
+
+def _from_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool):
+    """A local folder or Hub model, with one-line errors that name the path (not "Repo id must be in the form")."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not Path(spec).expanduser().exists() and _looks_like_path(spec):
+        raise SteeringError(
+            f"model path {spec} does not exist; pass an existing model folder, a Hub id (org/name), "
+            "builtin:testbed or tiny:<arch>"
+        )
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
+        processor = AutoProcessor.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except OSError as exc:  # no config.json, a broken one, an unknown Hub id, offline with nothing cached
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise SteeringError(f"cannot load model {spec}: {first}") from exc
     return model, processor

@@ -138,9 +138,14 @@ def _questions(path: Path, entries: list[tuple[str, object]]) -> list[PopeQuesti
         label = str(obj["label"]).strip().lower()
         if label not in LABELS:
             raise PopeDataError(f"{path}, {where}: label {obj['label']!r} is not 'yes' or 'no'")
+        for key in ("text", "image"):
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise PopeDataError(
+                    f"{path}, {where}: {key} is {obj[key]!r}; each question needs a non-empty {key} string"
+                )
         qid = str(obj["question_id"])
         if qid in seen:
             raise PopeDataError(f"{path}, {where}: question_id {qid} already used at {seen[qid]}; ids must be unique")
         seen[qid] = where
-        questions.append(PopeQuestion(question_id=qid, image=str(obj["image"]), text=str(obj["text"]), label=label))
+        questions.append(PopeQuestion(question_id=qid, image=obj["image"], text=obj["text"], label=label))
     return questions

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (SteeringError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (SteeringError, ValueError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: every finished record is saved; rerun the same command to resume", file=sys.stderr)
@@ -38,4 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "main", "parse_layers"]
+def one_line(exc: BaseException) -> str:
+    """The error as one line that names the file: ``[Errno 28] No space left on device: 'out/x'`` becomes
+    ``out/x: No space left on device``; a message of several lines keeps its first."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        return f"{where}: {exc.strerror or exc}"
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+__all__ = ["build_parser", "main", "one_line", "parse_layers"]

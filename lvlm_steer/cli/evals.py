@@ -47,14 +47,39 @@ def _eval_args(p: argparse.ArgumentParser, batch_size: int, max_new_tokens: int)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     p.add_argument("--out", type=Path, required=True, help="output folder; rerunning with it resumes")
-    p.add_argument("--skip-missing", action="store_true", help="leave out items whose image is missing")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out items whose image is missing or unreadable (counted in the summary)",
+    )
     p.add_argument("--no-progress", action="store_true")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model, so a typo fails in seconds, not after a long load:
+    the other processes of a launch, the question or annotation files, the images, and ``--out``."""
+    from lvlm_steer.evals.out_dir import check_not_busy, prepare_out_dir
+    from lvlm_steer.evals.shards import join_shards
+
+    shard = join_shards()
+    if args.task == "pope":
+        from lvlm_steer.evals.pope_eval import pope_items
+
+        pope_items(args.questions, args.images, skip_missing=args.skip_missing, limit=args.limit)
+    else:
+        from lvlm_steer.evals.chair import DEFAULT_CHAIR_PROMPT
+        from lvlm_steer.evals.chair_eval import chair_items, find_annotations
+
+        instances, _ = find_annotations(args.coco_annotations)
+        chair_items(instances, args.images, args.n_images, args.seed, DEFAULT_CHAIR_PROMPT, args.skip_missing)
+    check_not_busy(prepare_out_dir(args.out), shard.rank, shard.world)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from lvlm_steer.evals.runner import parse_conditions
 
     conditions = parse_conditions(args.method)  # before the slow model load, so a typo fails fast
+    check_inputs(args)
     model, processor = load(args)
     common = dict(
         batch_size=args.batch_size,
