@@ -105,3 +105,29 @@ def test_sinks_command_reports_and_saves(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert "dims" in report and report["dims"] == []  # a random model has no massive activations
     assert printed.strip()
+
+
+def test_every_command_dispatches_to_a_handler_and_runs_as_a_module():
+    from lvlm_steer.cli import build_parser
+
+    commands = [
+        ["generate", "--image", "random", "--prompt", "hi"],
+        ["methods"],
+        ["models"],
+        ["demo"],
+        ["eval", "pope", "--images", "i", "--questions", "q", "--out", "o"],
+        ["eval", "chair", "--images", "i", "--coco-annotations", "a", "--out", "o"],
+        ["calibrate", "act", "--images", "i", "--questions", "q", "--out", "o"],
+        ["heads", "scan", "--images", "i", "--prompt", "p", "--out", "o"],
+        ["heads", "ablate", "--heads", "1.2", "--image", "random", "--prompt", "p"],
+        ["sinks"],
+        ["pope", "build", "--coco-annotations", "a", "--out", "o"],
+        ["report", "run"],
+        *(["bench", name] for name in ("overhead", "attention", "vhr-carve", "pruning", "eval")),
+    ]
+    for argv in commands:
+        assert callable(build_parser().parse_args(argv).handler), argv
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvlm_steer.cli", "models"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "idefics3" in proc.stdout, proc.stderr
