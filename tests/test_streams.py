@@ -57,6 +57,12 @@ def _run(model, inputs, combine, join, **extra):
     return out.sequences, torch.stack(out.scores, dim=1)
 
 
+def _suppressed(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return [model.config.image_token_id, *eos]
+
+
 def reference(model, inputs, steps: int = STEPS):
     """Two unwrapped uncached full forwards per step; the toy rule and greedy choice by hand."""
     adapter = ls.adapter_for(model)
@@ -68,7 +74,7 @@ def reference(model, inputs, steps: int = STEPS):
             main = model(**adapter.extend_inputs(inputs, sequences)).logits[:, -1].float()
             aux_ids = torch.cat([text["input_ids"], generated], dim=1)
             aux = model(**adapter.extend_inputs(text, aux_ids)).logits[:, -1].float()
-        main[:, model.config.image_token_id] = float("-inf")  # generate's suppress_tokens, before the combination
+        main[:, _suppressed(model)] = float("-inf")  # generate's suppress_tokens and min_new_tokens, before the rule
         combined = contrast(main, aux)
         scores.append(combined)
         sequences = torch.cat([sequences, combined.argmax(-1, keepdim=True)], dim=1)
