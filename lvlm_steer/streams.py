@@ -29,7 +29,9 @@ Two ways to run the auxiliary rows (`join`):
 ``join=None`` picks joined where it is possible and sequential otherwise: when another method or an edit of the
 owner acts on the main stream, when a ``streamer`` is given (it expects the user's rows), or when the streams'
 pixel tensors do not concatenate (e.g. Idefics3/SmolVLM images with a different number of crops per stream).
-Prefix-LM (PaliGemma) and mrope (Qwen2-VL/2.5-VL) batches join like any batch. Beam search is refused.
+Prefix-LM (PaliGemma) and mrope (Qwen2-VL/2.5-VL) batches join like any batch (tested on all 11 architectures).
+Beam search, assisted decoding and ``negative_prompt_ids`` are refused. In joined mode a returned cache
+(``return_dict_in_generate``) holds every stream's rows, and rows that reached EOS keep being computed.
 """
 
 from __future__ import annotations
