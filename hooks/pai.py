@@ -7,6 +7,11 @@ Only that one row is recomputed (O(keys) per head); all other rows keep the base
 Optional logit refinement (``cfg=True``): a text-only second stream (the same prompt with the image removed, its
 own KV cache, no attention boost) runs beside generation, and the next-token log-probabilities become
 ``gamma * (logp_img - logp_txt) + logp_txt``, restricted to tokens with ``p_img >= plausibility * max p_img``.
+The stream runs on the shared engine (`lvlm_steer.streams`): with ``alpha > 0`` (or beside other methods) the
+image stream is steered and the text stream runs its own paused forward per step; with ``alpha = 0`` and no
+other method both streams run in one forward of 2B rows. The mixing sees the image stream's scores after
+generate's built-in processors (``suppress_tokens``, ``min_new_tokens``, ...) and before the user's own
+processors and the warpers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
+from lvlm_steer.streams import AuxStream, StepScores, TextOnly, apply_plausibility, generate_with_streams
 
 
 @register_method
@@ -77,48 +83,16 @@ class PAI(Method):
     def generate(self, steering, **inputs: Any) -> Any:
         if not self.cfg:
             return steering.model.generate(**inputs)
-        from transformers import LogitsProcessorList
+        return generate_with_streams(steering, inputs, [TEXT_STREAM], self.combine, owner=self)
 
-        processors = LogitsProcessorList(inputs.pop("logits_processor", None) or [])
-        processors.insert(0, TextOnlyContrast(steering, inputs, self.gamma, self.plausibility))
-        return steering.model.generate(**inputs, logits_processor=processors)
-
-
-class TextOnlyContrast:
-    """Logits processor: advances the text-only stream by the tokens generated so far and mixes it in.
-
-    The stream runs with the steering paused (no attention boost there) and with its own cache and its own
-    copy of model-level state (Qwen2-VL's ``rope_deltas``), so the image stream is never disturbed.
-    """
-
-    def __init__(self, steering, inputs: dict[str, Any], gamma: float, plausibility: float) -> None:
-        from transformers import DynamicCache
-
-        self.steering = steering
-        self.gamma = gamma
-        self.log_plausibility = float(torch.tensor(plausibility).log())
-        self.text = steering.adapter.text_only(inputs)
-        self.cache = DynamicCache()
-        self.state: dict[str, Any] = {}
-        self.prompt_len = inputs["input_ids"].shape[1]
-        self.fed: int | None = None  # generated tokens already fed to the text stream (None: not started)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_len :]
-        if self.fed is None:  # first step: the text-only prompt itself
-            feed = dict(self.text)
-        else:
-            ones = torch.ones_like(generated)
-            feed = {
-                "input_ids": generated[:, self.fed :],
-                "attention_mask": torch.cat([self.text["attention_mask"], ones], dim=1),
-            }
-        self.fed = generated.shape[1]
-        feed = {k: v.to(scores.device) for k, v in feed.items()}
-        with torch.no_grad(), self.steering.pause(self.state):
-            logits = self.steering.model(**feed, past_key_values=self.cache, use_cache=True).logits[:, -1]
-        logp_txt = torch.log_softmax(logits.float(), dim=-1)
-        logp_img = torch.log_softmax(scores.float(), dim=-1)
+    def combine(self, step: StepScores) -> torch.Tensor:
+        """``gamma * (logp_img - logp_txt) + logp_txt`` on the tokens that pass the plausibility cut of ``p_img``."""
+        logp_txt = torch.log_softmax(step.aux[TEXT_STREAM.name].float(), dim=-1)
+        logp_img = torch.log_softmax(step.main.float(), dim=-1)
         mixed = self.gamma * (logp_img - logp_txt) + logp_txt
-        cutoff = logp_img.max(dim=-1, keepdim=True).values + self.log_plausibility
-        return mixed.masked_fill(logp_img < cutoff, float("-inf")).to(scores.dtype)
+        return apply_plausibility(mixed, step.main, self.plausibility)
+
+
+# the CFG contrast: the same prompt without its image, decoded beside generation with the steering paused (no
+# attention boost there), its own cache and its own copy of model-level state (Qwen2-VL's rope_deltas)
+TEXT_STREAM = AuxStream("text", TextOnly())

@@ -9,15 +9,16 @@ outliers (VHD set to 0); the heads with VHD above the layer's median are multipl
 of the generation (every position, every step), so the KV cache stays consistent.
 
 The two streams run in lockstep without padding the short text-only prompt to the long image prompt: at each
-prefill a text-only forward (the adapter's `text_only`, steering paused) records what the model hands each
-decoder layer (its input hidden states at layer 0, the masks and position embeddings at every layer). Then,
-inside the image forward, each decoder layer up to the last target layer is also run on the text-only hidden
-states, at the moment the image rows reach that layer's ``o_proj``: both last-position head outputs are there,
-the heads are chosen, both streams are scaled, and both go on. The model's own layers do all the work, with
-the arguments the model itself built; the extra cost is two text-only passes at prefill (a few percent of an
-image prompt), nothing at decode, and it works inside plain ``model(...)`` and ``model.generate(...)``.
-The text stream runs with the steering paused: other methods' edits apply to the image stream only. A chunked
-prefill (``prefill_chunk_size``) would choose the heads at the end of its first chunk, so leave it off.
+prefill a text-only forward (a `lvlm_steer.streams` text-only stream: the adapter's `text_only`, one
+`stream_forward` with the steering paused) records what the model hands each decoder layer (its input hidden states
+at layer 0, the masks and position embeddings at every layer). Then, inside the image forward, each decoder layer
+up to the last target layer is also run on the text-only hidden states, at the moment the image rows reach that
+layer's ``o_proj``: both last-position head outputs are there, the heads are chosen, both streams are scaled, and
+both go on. The model's own layers do all the work, with the arguments the model itself built; the extra cost is
+two text-only passes at prefill (a few percent of an image prompt), nothing at decode, and it works inside plain
+``model(...)`` and ``model.generate(...)``. The text stream runs with the steering paused: other methods' edits
+apply to the image stream only. A chunked prefill (``prefill_chunk_size``) would choose the heads at the end of its
+first chunk, so leave it off.
 Statistics: ``std`` is the sample standard deviation (torch's default); ``median`` is the lower middle value,
 so "above the median" keeps the top half of an even number of heads.
 """
@@ -34,7 +35,9 @@ from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
+from lvlm_steer.streams import AuxStream, TextOnly, stream_forward
 
+TEXT_STREAM = AuxStream("text", TextOnly())  # the no-image view whose head outputs VHD compares against
 LAST_SHARE = 0.44  # paper: layer 1 plus the last 14 of 32 layers; other depths keep the same share
 
 
@@ -171,13 +174,12 @@ class VHR(Method):
         """At each prefill: record the text-only stream's layer inputs (one paused text-only forward)."""
         if self.neutral:
             return
-        text = steering.adapter.text_only(forward_kwargs)
+        text = TEXT_STREAM.build(steering.adapter, forward_kwargs)
         stream = _TextStream(last_layer=max(self.target_layers(steering.info)))
         self._text = stream
         stream.recording = True
         try:
-            with steering.pause():
-                steering.model(**text, use_cache=False)
+            stream_forward(steering, text, use_cache=False)
         finally:
             stream.recording = False
 
