@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lvlm_steer.adapters.image_inputs import ImageInputsMixin
 from lvlm_steer.errors import SteeringError
 from lvlm_steer.model_info import ModelInfo
 
@@ -70,8 +71,12 @@ class VisionScoring:
     to_tokens: Callable[[torch.Tensor], torch.Tensor]
 
 
-class Adapter:
-    """Defaults for the common layout: ``model.language_model.layers``, one run of image tokens per image."""
+class Adapter(ImageInputsMixin):
+    """Defaults for the common layout: ``model.language_model.layers``, one run of image tokens per image.
+
+    Image-input methods (`vision_inputs`, `image_inputs`, `with_pixels`, `with_images`) come from
+    `ImageInputsMixin` (lvlm_steer/adapters/image_inputs.py).
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     display_name: ClassVar[str] = ""

@@ -24,6 +24,16 @@ class InternVLAdapter(Adapter):
     markers_before = 1  # <img>
     markers_after = 1  # </img>
 
+    # -- image inputs: the crops of all images stacked, image_seq_length tokens per crop ---------------------
+    def _pixel_slots(self, inputs: dict[str, Any]) -> list[tuple]:
+        per_crop = int(self.config.image_seq_length)
+        slots, start = [], 0
+        for row in inputs["input_ids"]:
+            for s, e in self.image_runs(row):
+                slots.append((slice(start, start + (e - s) // per_crop),))
+                start += (e - s) // per_crop
+        return slots
+
     def vision_scoring(self) -> VisionScoring | None:
         """InternViT: a CLS token (dropped for "default"), then a pixel shuffle folds 1/ratio^2 patches per token."""
         if self.config.vision_feature_select_strategy != "default":
