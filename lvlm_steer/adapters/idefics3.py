@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, Span, VisionScoring, _square_tile
+from lvlm_steer.adapters.base import NO_CLS, Adapter, ImageTile, Span, VisionScoring, _square_tile
 from lvlm_steer.adapters.registry import register_adapter
 
 _TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -25,6 +25,7 @@ class Idefics3Adapter(Adapter):
     model_types = ("idefics3",)
     multi_image = True
     display_name = "Idefics3 (Idefics3ForConditionalGeneration)"
+    vision_scoring_kind = NO_CLS
     layers_path = "model.text_model.layers"
     vision_path = "model.vision_model"
 

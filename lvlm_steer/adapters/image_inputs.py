@@ -7,6 +7,7 @@ image for LLaVA, Gemma 3 and PaliGemma, tiles per image for LLaVA-NeXT, crops of
 (``image_grid_thw``) for Qwen-VL. The adapter knows; methods ask it here:
 
 - `vision_inputs` / `without_vision_inputs`: the batch keys that feed the vision tower, or the batch without them;
+- `encode_images`: the model's own image encoder on those inputs (what pre-LLM reducers start from);
 - `image_inputs`: per image, its slot in ``pixel_values`` (tiles, crops or patch rows), its batch row and its entries
   of the per-image keys (grid, size, pixel mask);
 - `with_pixels`: the same batch with a function applied to each image's normalised pixel tensor (same shape);
@@ -19,6 +20,7 @@ image for LLaVA, Gemma 3 and PaliGemma, tiles per image for LLaVA-NeXT, crops of
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -81,6 +83,13 @@ class ImageInputsMixin:
     def without_vision_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` without the vision-tower entries (e.g. to feed pre-encoded image features instead)."""
         return {k: v for k, v in inputs.items() if k not in self.pixel_keys}
+
+    def encode_images(self, inputs: dict[str, Any], **kwargs: Any) -> Any:
+        """The model's own image encoder on the batch's vision inputs (``pooler_output``: LLM-space features)."""
+        encoder = self.model.base_model.get_image_features
+        params = inspect.signature(encoder).parameters
+        vision = {k: v for k, v in self.vision_inputs(inputs).items() if k in params}
+        return encoder(**vision, **kwargs, return_dict=True)
 
     def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
         """Images in each batch row, counted from the image tokens."""

@@ -7,11 +7,12 @@ listed in order (the last one, when there are several, is the thumbnail: kind "g
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, _square_tile
+from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, _square_tile, head_projections
 from lvlm_steer.adapters.registry import register_adapter
 from lvlm_steer.errors import SteeringError
 
@@ -21,6 +22,7 @@ class InternVLAdapter(Adapter):
     model_types = ("internvl",)
     multi_image = True
     display_name = "InternVL 3 (InternVLForConditionalGeneration)"
+    vision_scoring_kind = "CLS"
     markers_before = 1  # <img>
     markers_after = 1  # </img>
 
@@ -49,7 +51,10 @@ class InternVLAdapter(Adapter):
             grid = shuffle(scores[:, 1:].reshape(-1, side, side, 1), scale_factor=ratio)
             return grid.reshape(grid.shape[0], -1, grid.shape[-1]).sum(dim=-1)
 
-        return VisionScoring(attention, feature_layer, True, int(self.config.image_seq_length), to_tokens)
+        # InternViT normalises the whole q / k projection before splitting heads (q_norm / k_norm)
+        project = partial(head_projections, norms=True)
+        tokens = int(self.config.image_seq_length)
+        return VisionScoring(attention, feature_layer, True, tokens, to_tokens, project=project)
 
     def image_tiles(self, row: torch.Tensor, inputs: dict[str, Any], row_index: int) -> list[ImageTile]:
         per_crop = int(self.config.image_seq_length)

@@ -22,6 +22,7 @@ from lvlm_steer.errors import SteeringError
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     display_name = "LLaVA-1.5 (LlavaForConditionalGeneration)"
+    vision_scoring_kind = "CLS"
 
     def vision_scoring(self) -> VisionScoring | None:
         """CLIP-style tower: features are ``hidden_states[vision_feature_layer]``, minus CLS for "default"."""
