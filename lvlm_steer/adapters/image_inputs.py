@@ -123,9 +123,7 @@ class ImageInputsMixin:
         return [(i,) for i in range(inputs["pixel_values"].shape[0])]
 
     # -- rebuilding ------------------------------------------------------------------------------------------
-    def with_pixels(
-        self, inputs: dict[str, Any], fn: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> dict[str, Any]:
+    def with_pixels(self, inputs: dict[str, Any], fn: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, Any]:
         """The batch with ``fn(pixels, image_index)`` applied to each image's normalised pixel tensor.
 
         ``fn`` must return a tensor of the same shape (noise, masking, a flip of same-sized tiles); padding
