@@ -112,11 +112,12 @@ class CaptureRunner:
         cache_kw = "cache" if "cache" in params else "past_key_values"
         extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # one row without padding: no attention mask (a causal forward); per-token inputs are sliced like the ids
+        adapter = steering.adapter
         shape = encs[0]["input_ids"].shape
-        token_keys = [
-            k for k, v in encs[0].items() if torch.is_tensor(v) and v.shape == shape and k != "attention_mask"
+        token_keys = ["input_ids"] + [
+            k for k in adapter.token_inputs if torch.is_tensor(encs[0].get(k)) and encs[0][k].shape == shape
         ]
-        vision = {k: v for k, v in encs[0].items() if k not in token_keys and k != "attention_mask"}
+        vision = adapter.vision_inputs(encs[0])
         from transformers import DynamicCache
 
         runs: list[Attention] = []
