@@ -126,9 +126,10 @@ class ImageInputsMixin:
     def with_pixels(self, inputs: dict[str, Any], fn: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, Any]:
         """The batch with ``fn(pixels, image_index)`` applied to each image's normalised pixel tensor.
 
-        ``fn`` must return a tensor of the same shape (noise, masking, a flip of same-sized tiles); padding
-        entries of ``pixel_values`` (Idefics3's all-zero images, NeXT's unused tiles beyond an image's own) that
-        belong to no image stay untouched. Token inputs are shared with ``inputs``.
+        ``fn`` must return a tensor of the same shape (noise, masking, a flip of same-sized tiles). Entries of
+        ``pixel_values`` that belong to no image (Idefics3's all-zero padding images, which the model detects by
+        being zero) stay untouched; an image's own entry may hold padding too (LLaVA-NeXT pads every image to the
+        batch's most tiles; the model drops those by ``image_sizes``). Token inputs are shared with ``inputs``.
         """
         images = self.image_inputs(inputs)
         new = [fn(images.pixels(i), i) for i in range(len(images))]
