@@ -17,14 +17,17 @@ two rows; only the last row of the captured layers is probed (O(keys) per head, 
 stops right after the last captured layer; G stops after as many steps as Q took (the contrast pairs step t with
 step t); and A^G is cached per image, so several questions about one image pay for G once. The upsampling is
 linear, so steps and layers are summed on the token grid and upsampled once.
+
+The capture runs are core's (`lvlm_steer.capture_runs`, on the attention-capture service `lvlm_steer.capture`),
+so CARVE edits no attention and composes with attention editors on the same layers (VAR, PAI, ...): at a layer
+that another method edits it reads the attention before that edit, at later layers the edited model's. The pixel
+geometry (tile boxes, score maps, regions, crops) is `lvlm_steer.image_regions`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -34,13 +37,14 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from lvlm_steer.attention import AttentionCall
-from lvlm_steer.attention_rows import masked_softmax, row_logits, rows_mask
+from lvlm_steer.capture_runs import Attention, CaptureRunner, to_model
 from lvlm_steer.errors import MethodConfigError, MissingImagesError, SteeringError
-from lvlm_steer.image_regions import WHOLE_IMAGE, Box, Refined, refine_image, score_map
+from lvlm_steer.image_regions import Refined, refine_image, tile_boxes, tile_score_map
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
+
+__all__ = ["CARVE", "Attention", "default_layers", "tile_boxes"]
 
 log = logging.getLogger(__name__)
 
@@ -67,60 +71,6 @@ def default_layers(num_layers: int) -> tuple[int, int]:
         return 20, 25
     lo = min(num_layers - 1, round(num_layers * 2 / 3))
     return lo, min(num_layers - 1, max(lo, round(num_layers * 5 / 6)))
-
-
-class _CaptureDone(Exception):
-    """Raised inside the last capture forward once the last captured layer is read (the rest is not needed)."""
-
-
-@dataclass
-class Attention:
-    """One capture run: ``rows`` (steps, layers, image cells) head-mean attention, and the generated ``tokens``.
-
-    ``complete`` is False when the run was cut short by a step limit below `CARVE.max_steps` (pairing with a
-    shorter run needs no more steps); such a run may be too short for a later, longer pairing.
-    """
-
-    rows: torch.Tensor
-    tokens: list[int]
-    prompt_ids: torch.Tensor
-    complete: bool = True
-
-    @property
-    def steps(self) -> int:
-        return int(self.rows.shape[0])
-
-
-class _Capture:
-    """Recording state while capture forwards run: one or more runs, each fed by one batch row."""
-
-    def __init__(self, layers: range, columns: torch.Tensor, runs: int = 1) -> None:
-        self.layers = layers
-        self.columns = [columns] * runs  # per run: key slots of the image's grid cells, in tile order
-        self.seq_len = 0  # keys the forward in flight sees (prefix + everything fed so far)
-        self.stop_after: int | None = None
-        self.steps: list[list[dict[int, torch.Tensor]]] = [[] for _ in range(runs)]
-        self.feeding: list[int | None] = [0]  # the run each batch row of the forward in flight belongs to
-
-    def begin_step(self) -> None:
-        for run in self.feeding:
-            if run is not None:
-                self.steps[run].append({})
-
-    def record(self, layer: int, probs: torch.Tensor, key_len: int) -> None:
-        """``probs`` (B, H, 1, K): the last row's probabilities of each batch row."""
-        offset = self.seq_len - key_len  # a sliding-window layer holds only the last keys
-        mean = probs[:, :, 0].mean(1)
-        for b, run in enumerate(self.feeding):
-            if run is None:
-                continue
-            if offset > int(self.columns[run].min()):
-                raise SteeringError(f"carve: layer {layer} no longer sees the image (sliding window); choose others")
-            self.steps[run][-1][layer] = mean[b, self.columns[run].to(mean.device) - offset]
-
-    def stacked(self, run: int = 0) -> torch.Tensor:
-        steps = self.steps[run]
-        return torch.stack([torch.stack([s[layer] for layer in self.layers]) for s in steps]).float().cpu()
 
 
 @register_method
@@ -169,7 +119,7 @@ class CARVE(Method):
             raise MethodConfigError(f"carve: final must be one of {', '.join(FINAL_MODES)}, got {self.final!r}")
         if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
             raise MethodConfigError(f"carve: layers must be lo-hi with 0 <= lo <= hi, got {self.layers}")
-        self._capture: _Capture | None = None
+        self._runner: CaptureRunner | None = None
         self._general: OrderedDict[tuple, Attention] = OrderedDict()
         self._running = 0  # > 0 inside refine/generate: the forwards are CARVE's own
         self._warned = False
@@ -192,8 +142,10 @@ class CARVE(Method):
     def requires_images(self) -> bool:
         return True
 
-    def attention_layers(self, info: ModelInfo) -> frozenset[int]:
-        return frozenset(self.layer_range(info))
+    def attach(self, steering) -> list[Any]:
+        """Subscribe to the captured layers' attention (the core capture service: no editor slot taken)."""
+        self._runner = CaptureRunner(steering, self.layer_range(steering.info), self.max_steps)
+        return [self._runner.subscription]
 
     def prepare(self, steering, forward_kwargs: dict[str, Any]) -> None:
         if not self._running and not self._warned:
@@ -212,17 +164,7 @@ class CARVE(Method):
         finally:
             self._running -= 1
 
-    # -- capture: probe the last row of the captured layers, pass the attention through unchanged ----------
-    def edit_attention(self, call: AttentionCall) -> torch.Tensor:
-        cap = self._capture
-        if cap is not None:
-            last = call.query.shape[2] - 1
-            probs = masked_softmax(row_logits(call, last), rows_mask(call, last))  # (B, H, 1, K)
-            cap.record(call.layer_idx, probs, call.key.shape[2])
-            if cap.stop_after == call.layer_idx:
-                raise _CaptureDone
-        return call.base()
-
+    # -- capture: greedy runs with the captured layers' last-row attention (lvlm_steer.capture_runs) -------------
     def capture(
         self, steering, image: Image.Image, prompts: list[str], limit: int | None = None, paired: bool = False
     ) -> tuple[list[Attention], list]:
@@ -233,9 +175,11 @@ class CARVE(Method):
         would never be used). Returns one `Attention` per prompt and the image's grid tiles (the columns of
         ``rows``, in tile order).
         """
+        runner = self._runner
+        if runner is None or runner.steering is not steering:
+            raise SteeringError("carve.capture needs the steering carve is attached to: ls.steer(model, carve, ...)")
         limit = self.max_steps if limit is None else min(limit, self.max_steps)
         processor = _need_processor(steering)
-        model = steering.model
         encs = [dict(processor(images=[[image]], text=[_chat(processor, p, 1)], return_tensors="pt")) for p in prompts]
         for enc in encs:
             enc.pop("labels", None)  # PaliGemma's processor adds training labels
@@ -247,43 +191,9 @@ class CARVE(Method):
             ) from exc
         if not tiles:
             raise MissingImagesError("carve: the prompt has no image tokens; the processor dropped the image")
-        ids = [e["input_ids"][0] for e in encs]
-        prefix = _common_prefix(ids)
-        spans = steering.adapter.image_spans(ids[0])
-        if prefix < max(e for _, e in spans) or steering.adapter.bidirectional_prompt:
-            prefix = 0  # the image is not in the shared prefix, or the prefix sees what follows: prefill each alone
-        layers = self.layer_range(steering.info)
-        params = inspect.signature(model.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        # one row without padding: no attention mask (a causal forward); per-token inputs are sliced like the ids
-        shape = encs[0]["input_ids"].shape
-        token_keys = [
-            k for k, v in encs[0].items() if torch.is_tensor(v) and v.shape == shape and k != "attention_mask"
-        ]
-        vision = {k: v for k, v in encs[0].items() if k not in token_keys and k != "attention_mask"}
-        from transformers import DynamicCache
-
-        runs = []
-        with torch.inference_mode(), steering.adapter.isolated_state(), self._own_forwards():
-            shared = DynamicCache()
-            if prefix:
-                head = {k: encs[0][k][:, :prefix] for k in token_keys} | vision
-                model(**_to(head, model), **{cache_kw: shared}, use_cache=True, **extra)
-            columns = torch.cat([t.positions.flatten() for t in tiles])
-            side_by_side = paired and len(encs) == 2 and prefix and limit > 1 and self._batch_decode(model)
-            if side_by_side and _batchable(steering.adapter, shared):
-                run = _Run(steering, self, layers, cache_kw, extra, prefix, token_keys)
-                return run.pair(encs, columns, limit, shared), tiles
-            for n, enc in enumerate(encs):
-                cache = shared if n == len(encs) - 1 else copy.deepcopy(shared)
-                feed = {k: enc[k][:, prefix:] for k in token_keys} | ({} if prefix else vision)
-                cap = _Capture(layers, columns)
-                steps = runs[0].steps if paired and runs else limit
-                tokens = self._greedy(
-                    steering, cap, steps, _to(feed, model), cache, cache_kw, extra, prefix, token_keys
-                )
-                runs.append(self._attention(cap.stacked(), tokens, enc["input_ids"], steps, model))
+        columns = torch.cat([t.positions.flatten() for t in tiles])
+        with self._own_forwards():
+            runs = runner.run(encs, columns, limit, paired=paired, batch_decode=self._batch_decode(steering.model))
         return runs, tiles
 
     def _batch_decode(self, model) -> bool:
@@ -292,40 +202,6 @@ class CARVE(Method):
         if self.capture_decode != "auto":
             return self.capture_decode == "batch"
         return next(model.parameters()).device.type != "cpu"
-
-    def _attention(self, rows: torch.Tensor, tokens: list[int], prompt_ids, limit: int, model) -> Attention:
-        cut = rows.shape[0] == limit < self.max_steps and (not tokens or tokens[-1] not in _eos_ids(model))
-        return Attention(rows, tokens, prompt_ids, complete=not cut)
-
-    def _greedy(self, steering, cap, limit, feed, cache, cache_kw, extra, prefix, token_keys) -> list[int]:
-        eos = _eos_ids(steering.model)
-        banned = [steering.adapter.image_token_id]
-        generated_type = steering.adapter.generated_token_type
-        cap.seq_len = prefix + feed["input_ids"].shape[1]
-        tokens: list[int] = []
-        self._capture = cap
-        try:
-            for t in range(limit):
-                cap.begin_step()
-                cap.stop_after = cap.layers[-1] if t == limit - 1 else None
-                try:
-                    out = steering.model(**feed, **{cache_kw: cache}, use_cache=True, **extra)
-                except _CaptureDone:
-                    break
-                scores = out.logits[0, -1].float()
-                scores[banned] = float("-inf")
-                token = int(scores.argmax())
-                tokens.append(token)
-                if token in eos:
-                    break
-                ids = torch.tensor([[token]], device=feed["input_ids"].device)
-                feed = {"input_ids": ids} | {
-                    k: torch.full_like(ids, generated_type) for k in token_keys if k != "input_ids"
-                }
-                cap.seq_len += 1
-        finally:
-            self._capture = None
-        return tokens
 
     # -- contrast, mask, refine ---------------------------------------------------------------------------
     def contrast(self, question: torch.Tensor, general: torch.Tensor) -> torch.Tensor:
@@ -337,13 +213,7 @@ class CARVE(Method):
 
     def score(self, cells: torch.Tensor, tiles: list, size: tuple[int, int]) -> torch.Tensor:
         """(H, W) pixel score map of per-cell scores laid out on the image's tiles."""
-        grids, start = [], 0
-        for tile, box in zip(tiles, tile_boxes(tiles), strict=True):
-            n = tile.rows * tile.cols
-            if box is not None:
-                grids.append((cells[start : start + n].reshape(tile.rows, tile.cols), box))
-            start += n
-        return score_map(grids, size)
+        return tile_score_map(cells, tiles, size)
 
     def refine(self, steering, image: Image.Image, question: str) -> Refined:
         """The refined image for ``question`` (with its score map, mask and crop box)."""
@@ -401,125 +271,12 @@ class CARVE(Method):
         final = dict(processor(images=final_images, text=texts, padding=True, padding_side="left", return_tensors="pt"))
         final.pop("labels", None)
         with self._own_forwards():
-            out = steering.model.generate(**_to(final, steering.model), **options)
+            out = steering.model.generate(**to_model(final, steering.model), **options)
         self.last_seconds = {"refine": refined - start, "answer": time.perf_counter() - refined}
         if not torch.is_tensor(out) or "input_ids" not in prompt:
             return out
         new = out[:, final["input_ids"].shape[1] :]
         return torch.cat([prompt["input_ids"].to(new.device), new], dim=1)
-
-
-def tile_boxes(tiles: list) -> list[Box | None]:
-    """Where each grid tile sits in its image; None for crops whose place the tokens do not tell (skipped)."""
-    placed = [t for t in tiles if t.tile_row is not None and t.tile_col is not None]
-    n_rows = max((t.tile_row for t in placed), default=0) + 1
-    n_cols = max((t.tile_col for t in placed), default=0) + 1
-    unplaced_crops = sum(1 for t in tiles if t.kind == "tile" and t.tile_row is None)
-    boxes: list[Box | None] = []
-    for t in tiles:
-        if t.tile_row is not None and t.tile_col is not None:
-            r, c = t.tile_row, t.tile_col
-            boxes.append((r / n_rows, c / n_cols, (r + 1) / n_rows, (c + 1) / n_cols))
-        elif t.kind == "tile" and unplaced_crops > 1:
-            boxes.append(None)
-        else:
-            boxes.append(WHOLE_IMAGE)
-    if all(b is None for b in boxes):
-        raise SteeringError("carve: the adapter cannot place this image's crops in the image; no grid to map")
-    return boxes
-
-
-class _Run:
-    """Question and general-prompt capture runs decoded side by side, one batch row each.
-
-    After the shared prefix, each prompt's own text is one forward (its own cache copy, so no padding inside
-    the prompt); then the two caches are joined into one batch, the shorter left-padded with masked slots, and
-    every later step feeds both rows at their true positions (1-D position ids; the adapter says when a model
-    needs more). Decoding two rows costs little more than one where the weights dominate.
-    """
-
-    def __init__(self, steering, carve: CARVE, layers: range, cache_kw: str, extra: dict, prefix: int, token_keys):
-        self.steering, self.carve, self.layers = steering, carve, layers
-        self.model = steering.model
-        self.cache_kw, self.extra, self.prefix, self.token_keys = cache_kw, extra, prefix, token_keys
-        self.eos = _eos_ids(self.model)
-        self.banned = [steering.adapter.image_token_id]
-
-    def forward(self, feed: dict[str, Any], cache) -> torch.Tensor:
-        out = self.model(**_to(feed, self.model), **{self.cache_kw: cache}, use_cache=True, **self.extra)
-        scores = out.logits[:, -1].float()
-        scores[:, self.banned] = float("-inf")
-        return scores.argmax(-1).cpu()
-
-    def pair(self, encs: list[dict], columns: torch.Tensor, limit: int, shared) -> list[Attention]:
-        cap = _Capture(self.layers, columns, runs=2)
-        caches = [copy.deepcopy(shared), shared]
-        tokens: list[list[int]] = [[], []]
-        done = [False, False]
-        lengths = []
-        self.carve._capture = cap
-        try:
-            for r, enc in enumerate(encs):  # step 1: each prompt's own text, alone
-                feed = {k: enc[k][:, self.prefix :] for k in self.token_keys}
-                cap.feeding, cap.seq_len = [r], self.prefix + feed["input_ids"].shape[1]
-                lengths.append(cap.seq_len)
-                cap.begin_step()
-                tokens[r].append(int(self.forward(feed, caches[r])[0]))
-                done[r] = tokens[r][-1] in self.eos
-            # one spare masked slot: the joined cache is longer than any single-row sequence the steering's
-            # per-forward context recorded, so the context starts afresh for the new (two-row) batch
-            width = max(lengths) + 1
-            pads = [width - n for n in lengths]
-            cap.columns = [columns + pad for pad in pads]
-            cache = _join_left_padded(caches, pads)
-            valid = torch.ones(2, width, dtype=torch.long)
-            for r, pad in enumerate(pads):
-                valid[r, :pad] = 0
-            generated = self.steering.adapter.generated_token_type
-            for t in range(1, limit):
-                if done[0]:  # paired: the general run needs no more steps than the question run took
-                    break
-                ids = torch.tensor([[tokens[0][-1]], [tokens[1][-1]]])
-                valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.long)], dim=1)
-                feed = {
-                    "input_ids": ids,
-                    "attention_mask": valid,
-                    "position_ids": torch.tensor([[lengths[0] + t - 1], [lengths[1] + t - 1]]),
-                } | {k: torch.full_like(ids, generated) for k in self.token_keys if k != "input_ids"}
-                cap.feeding = [None if d else r for r, d in enumerate(done)]
-                cap.seq_len = width + t
-                cap.begin_step()
-                cap.stop_after = self.layers[-1] if t == limit - 1 else None
-                try:
-                    step = self.forward(feed, cache)
-                except _CaptureDone:
-                    break
-                for r in range(2):
-                    if not done[r]:
-                        tokens[r].append(int(step[r]))
-                        done[r] = tokens[r][-1] in self.eos
-        finally:
-            self.carve._capture = None
-        question = self.carve._attention(cap.stacked(0), tokens[0], encs[0]["input_ids"], limit, self.model)
-        general = self.carve._attention(cap.stacked(1), tokens[1], encs[1]["input_ids"], question.steps, self.model)
-        return [question, general]
-
-
-def _batchable(adapter, cache) -> bool:
-    """Rows can be decoded side by side: 1-D position ids, and every cache layer holds all keys (no window)."""
-    return adapter.plain_position_ids and all(k is not None and s is None for k, _, s in cache)
-
-
-def _join_left_padded(caches: list, pads: list[int]):
-    """One batch cache from single-row caches, row r left-padded by ``pads[r]`` slots (masked by the caller)."""
-    from transformers import DynamicCache
-
-    layers = []
-    for per_row in zip(*caches, strict=True):
-        keys = [torch.nn.functional.pad(k, (0, 0, pad, 0)) for (k, _, _), pad in zip(per_row, pads, strict=True)]
-        values = [torch.nn.functional.pad(v, (0, 0, pad, 0)) for (_, v, _), pad in zip(per_row, pads, strict=True)]
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return DynamicCache(ddp_cache_data=layers)
 
 
 def _need_processor(steering):
@@ -533,31 +290,5 @@ def _chat(processor, text: str, n_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def _common_prefix(rows: list[torch.Tensor]) -> int:
-    """Length of the common prefix of all rows, leaving at least one token of each row to feed."""
-    n = min(r.shape[0] for r in rows) - 1
-    for r in rows[1:]:
-        diff = (rows[0][:n] != r[:n]).nonzero()
-        n = int(diff[0]) if diff.numel() else n
-    return n
-
-
-def _eos_ids(model) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 def _image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-
-
-def _to(inputs: dict[str, Any], model) -> dict[str, Any]:
-    """Tensors onto the model's device; float tensors (pixels) in the model's dtype."""
-    param = next(model.parameters())
-    dtype = getattr(model, "dtype", param.dtype)
-    return {
-        k: (v.to(param.device, dtype) if v.is_floating_point() else v.to(param.device)) if torch.is_tensor(v) else v
-        for k, v in inputs.items()
-    }

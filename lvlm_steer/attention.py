@@ -5,7 +5,8 @@ transformers looks the attention implementation up by name on every forward
 text config routes every text layer's attention call through `steered_attention` without touching any
 model class. The function looks the calling attention module up in `_ROUTES` (filled by `Steering` at
 attach, emptied at removal) and either runs the user's original implementation (sdpa, eager, flash, ...)
-or hands the call to the one method that edits this layer.
+or hands the call to the one method that edits this layer. Observers (`lvlm_steer.capture`: attention capture
+for any method) see every call first, with the q / k the layer computed, and never change its output.
 
 The mask function must be registered under the same name: without it transformers silently passes
 ``attention_mask=None`` and padded batches come out wrong.
@@ -62,18 +63,28 @@ class AttentionCall:
 
 @dataclass
 class LayerRoute:
-    """Where one attention module's calls go: the original implementation, or one editing method."""
+    """Where one attention module's calls go: the original implementation, or one editing method.
+
+    ``observers`` (callables taking the `AttentionCall`) run first on every unpaused call; they read the call
+    and leave its output alone, so they never take the editor's slot.
+    """
 
     base_fn: AttentionFn
     context: ForwardContext
     editors: list[Method] = field(default_factory=list)
     steering: Any = None
+    observers: list[Callable[[AttentionCall], None]] = field(default_factory=list)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        if not self.editors or (self.steering is not None and self.steering.paused):
+        paused = self.steering is not None and self.steering.paused
+        if paused or not (self.editors or self.observers):
             return self.base_fn(module, query, key, value, attention_mask, **kwargs)
         self.context.layer_idx = module.layer_idx
         call = AttentionCall(module, query, key, value, attention_mask, kwargs, self.context, self.base_fn)
+        for observer in tuple(self.observers):
+            observer(call)
+        if not self.editors:
+            return self.base_fn(module, query, key, value, attention_mask, **kwargs)
         (editor,) = self.editors  # steer() refuses two attention editors on one layer
         return editor.edit_attention(call), None
 
@@ -148,3 +159,8 @@ def drop_route(module: nn.Module) -> None:
 
 def is_routed(module: nn.Module) -> bool:
     return module in _ROUTES
+
+
+def route_of(module: nn.Module) -> LayerRoute | None:
+    """The route of a steered attention module (None when it is not steered)."""
+    return _ROUTES.get(module)

@@ -1,7 +1,8 @@
-"""Pixel-space geometry for input-refining methods (CARVE): score maps, region masks, crops.
+"""Pixel-space geometry for input-refining methods (CARVE, AGLA): score maps, region masks, crops.
 
 Pure functions on tensors, numpy arrays and PIL images, with no model knowledge, so they can be tested on
-synthetic maps. A score map is assembled from per-token grids (each grid covers a box of the image), the
+synthetic maps. A score map is assembled from per-token grids (each grid covers a box of the image; `tile_boxes`
+places an adapter's image-token tiles in their image, `tile_score_map` lays per-cell scores out on them), the
 top fraction of pixels is kept, connected regions are ranked by their summed score, and the image is masked,
 cropped to the kept regions' bounding box and scaled back to its size.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+from lvlm_steer.errors import SteeringError
 
 Box = tuple[float, float, float, float]  # (top, left, bottom, right) as fractions of the image's height/width
 WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
@@ -36,6 +39,37 @@ def score_map(grids: Sequence[tuple[torch.Tensor, Box]], size: tuple[int, int]) 
         )
         out[y0:y1, x0:x1] += up[0, 0]
     return out
+
+
+def tile_boxes(tiles: list) -> list[Box | None]:
+    """Where each grid tile sits in its image; None for crops whose place the tokens do not tell (skipped)."""
+    placed = [t for t in tiles if t.tile_row is not None and t.tile_col is not None]
+    n_rows = max((t.tile_row for t in placed), default=0) + 1
+    n_cols = max((t.tile_col for t in placed), default=0) + 1
+    unplaced_crops = sum(1 for t in tiles if t.kind == "tile" and t.tile_row is None)
+    boxes: list[Box | None] = []
+    for t in tiles:
+        if t.tile_row is not None and t.tile_col is not None:
+            r, c = t.tile_row, t.tile_col
+            boxes.append((r / n_rows, c / n_cols, (r + 1) / n_rows, (c + 1) / n_cols))
+        elif t.kind == "tile" and unplaced_crops > 1:
+            boxes.append(None)
+        else:
+            boxes.append(WHOLE_IMAGE)
+    if all(b is None for b in boxes):
+        raise SteeringError("carve: the adapter cannot place this image's crops in the image; no grid to map")
+    return boxes
+
+
+def tile_score_map(cells: torch.Tensor, tiles: list, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) pixel score map of per-cell scores (tiles' cells in order, row-major) laid out on the tiles' boxes."""
+    grids, start = [], 0
+    for tile, box in zip(tiles, tile_boxes(tiles), strict=True):
+        n = tile.rows * tile.cols
+        if box is not None:
+            grids.append((cells[start : start + n].reshape(tile.rows, tile.cols), box))
+        start += n
+    return score_map(grids, size)
 
 
 def _span(lo: float, hi: float, n: int) -> tuple[int, int]:

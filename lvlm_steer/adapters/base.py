@@ -23,10 +23,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lvlm_steer.adapters.image_inputs import ImageInputsMixin
 from lvlm_steer.errors import SteeringError
 from lvlm_steer.model_info import ModelInfo
 
 Span = tuple[int, int]  # [start, end) in a batch row
+NO_CLS = "SigLIP, no CLS: mean received attention"  # `Adapter.vision_scoring_kind` of CLS-less towers
 
 
 @dataclass
@@ -61,6 +63,7 @@ class VisionScoring:
     called with the normed hidden states and an optional mask). The LLM sees the output of layer
     ``feature_layer``. ``cls``: position 0 is a CLS token. ``to_tokens`` maps per-position scores
     (units, positions) to scores of the unit's image tokens (units, ``tokens_per_unit``) in LLM order.
+    ``project(module, hidden, rows)`` gives one attention module's per-head queries of ``rows`` and all keys.
     """
 
     attention: list[nn.Module]
@@ -68,10 +71,31 @@ class VisionScoring:
     cls: bool
     tokens_per_unit: int
     to_tokens: Callable[[torch.Tensor], torch.Tensor]
+    project: Callable[[nn.Module, torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]] = None  # type: ignore
+
+    def __post_init__(self) -> None:
+        if self.project is None:
+            self.project = head_projections
 
 
-class Adapter:
-    """Defaults for the common layout: ``model.language_model.layers``, one run of image tokens per image."""
+def head_projections(module: nn.Module, hidden: torch.Tensor, rows: slice, norms: bool = False):
+    """Per-head fp32 queries of ``rows`` and all keys, (B, H, q, D) and (B, H, N, D), from the module's own
+    ``q_proj`` / ``k_proj`` (``norms``: then its ``q_norm`` / ``k_norm`` over the whole projection, as InternViT)."""
+    b, n, _ = hidden.shape
+    h, d = module.num_heads, module.head_dim
+    q_in = hidden[:, rows]
+    q, k = module.q_proj(q_in), module.k_proj(hidden)
+    if norms:
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q.view(b, q_in.shape[1], h, d).transpose(1, 2).float(), k.view(b, n, h, d).transpose(1, 2).float()
+
+
+class Adapter(ImageInputsMixin):
+    """Defaults for the common layout: ``model.language_model.layers``, one run of image tokens per image.
+
+    Image-input methods (`vision_inputs`, `image_inputs`, `with_pixels`, `with_images`) come from
+    `ImageInputsMixin` (lvlm_steer/adapters/image_inputs.py).
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     display_name: ClassVar[str] = ""
@@ -94,6 +118,9 @@ class Adapter:
     bidirectional_prompt: ClassVar[bool] = False
     # trained on prompts with several images (CARVE's final pass then shows the original and the refined image)
     multi_image: ClassVar[bool] = False
+    # what `vision_scoring` scores tower tokens by, for refusals that list the supported architectures
+    # ("" where the adapter has no vision_scoring)
+    vision_scoring_kind: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

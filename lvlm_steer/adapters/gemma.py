@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lvlm_steer.adapters.base import Adapter, VisionScoring
+from lvlm_steer.adapters.base import NO_CLS, Adapter, VisionScoring
 from lvlm_steer.adapters.registry import register_adapter
 
 
@@ -19,6 +19,7 @@ class Gemma3Adapter(Adapter):
     model_types = ("gemma3",)
     multi_image = True
     display_name = "Gemma 3 (Gemma3ForConditionalGeneration)"
+    vision_scoring_kind = NO_CLS
     markers_before = 1  # boi
     markers_after = 1  # eoi
 
@@ -39,6 +40,7 @@ class Gemma3Adapter(Adapter):
 class PaliGemmaAdapter(Adapter):
     model_types = ("paligemma",)
     display_name = "PaliGemma (PaliGemmaForConditionalGeneration)"
+    vision_scoring_kind = NO_CLS
     generated_token_type = 1  # token type 0 is the bidirectional prefix, 1 the causal suffix
     bidirectional_prompt = True
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, Span, VisionScoring, _square_tile
+from lvlm_steer.adapters.base import NO_CLS, Adapter, ImageTile, Span, VisionScoring, _square_tile
 from lvlm_steer.adapters.registry import register_adapter
 
 _TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -25,8 +25,22 @@ class Idefics3Adapter(Adapter):
     model_types = ("idefics3",)
     multi_image = True
     display_name = "Idefics3 (Idefics3ForConditionalGeneration)"
+    vision_scoring_kind = NO_CLS
     layers_path = "model.text_model.layers"
     vision_path = "model.vision_model"
+
+    # -- image inputs: (row, image slot) crops of each row's images, all-zero padding slots after them --------
+    pixel_keys = ("pixel_values", "pixel_attention_mask")
+    slot_keys = ("pixel_attention_mask",)
+
+    def _pixel_slots(self, inputs: dict[str, Any]) -> list[tuple]:
+        slots = []
+        for b, row in enumerate(inputs["input_ids"]):
+            start = 0
+            for runs in self._images(row):  # one run per crop, the global image last
+                slots.append((b, slice(start, start + len(runs))))
+                start += len(runs)
+        return slots
 
     def _images(self, row: torch.Tensor) -> list[list[Span]]:
         """Runs grouped per image: an image ends with the run tagged like the row's last run (the global tag)."""

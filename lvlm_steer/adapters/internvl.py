@@ -7,11 +7,12 @@ listed in order (the last one, when there are several, is the thumbnail: kind "g
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
-from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, _square_tile
+from lvlm_steer.adapters.base import Adapter, ImageTile, VisionScoring, _square_tile, head_projections
 from lvlm_steer.adapters.registry import register_adapter
 from lvlm_steer.errors import SteeringError
 
@@ -21,8 +22,19 @@ class InternVLAdapter(Adapter):
     model_types = ("internvl",)
     multi_image = True
     display_name = "InternVL 3 (InternVLForConditionalGeneration)"
+    vision_scoring_kind = "CLS"
     markers_before = 1  # <img>
     markers_after = 1  # </img>
+
+    # -- image inputs: the crops of all images stacked, image_seq_length tokens per crop ---------------------
+    def _pixel_slots(self, inputs: dict[str, Any]) -> list[tuple]:
+        per_crop = int(self.config.image_seq_length)
+        slots, start = [], 0
+        for row in inputs["input_ids"]:
+            for s, e in self.image_runs(row):
+                slots.append((slice(start, start + (e - s) // per_crop),))
+                start += (e - s) // per_crop
+        return slots
 
     def vision_scoring(self) -> VisionScoring | None:
         """InternViT: a CLS token (dropped for "default"), then a pixel shuffle folds 1/ratio^2 patches per token."""
@@ -39,7 +51,10 @@ class InternVLAdapter(Adapter):
             grid = shuffle(scores[:, 1:].reshape(-1, side, side, 1), scale_factor=ratio)
             return grid.reshape(grid.shape[0], -1, grid.shape[-1]).sum(dim=-1)
 
-        return VisionScoring(attention, feature_layer, True, int(self.config.image_seq_length), to_tokens)
+        # InternViT normalises the whole q / k projection before splitting heads (q_norm / k_norm)
+        project = partial(head_projections, norms=True)
+        tokens = int(self.config.image_seq_length)
+        return VisionScoring(attention, feature_layer, True, tokens, to_tokens, project=project)
 
     def image_tiles(self, row: torch.Tensor, inputs: dict[str, Any], row_index: int) -> list[ImageTile]:
         per_crop = int(self.config.image_seq_length)

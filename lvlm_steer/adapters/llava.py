@@ -22,6 +22,7 @@ from lvlm_steer.errors import SteeringError
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     display_name = "LLaVA-1.5 (LlavaForConditionalGeneration)"
+    vision_scoring_kind = "CLS"
 
     def vision_scoring(self) -> VisionScoring | None:
         """CLIP-style tower: features are ``hidden_states[vision_feature_layer]``, minus CLS for "default"."""
@@ -54,6 +55,10 @@ class LlavaNextAdapter(Adapter):
     model_types = ("llava_next",)
     display_name = "LLaVA-NeXT (LlavaNextForConditionalGeneration)"
     downsample_large_grids = False  # OneVision's anyres_max_N pooling
+
+    # -- image inputs: (images, tiles, C, H, W), unused tiles of smaller images padded; sizes per image -------
+    pixel_keys = ("pixel_values", "image_sizes")
+    image_keys = ("image_sizes",)
 
     def image_grids(self, inputs: dict[str, Any]) -> list[list[ImageTile]]:
         sizes = inputs.get("image_sizes")
@@ -107,3 +112,4 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     multi_image = True
     display_name = "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)"
     downsample_large_grids = True
+    pixel_keys = ("pixel_values", "image_sizes", "batch_num_images")  # image inputs: images per row too

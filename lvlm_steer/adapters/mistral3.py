@@ -19,6 +19,9 @@ class Mistral3Adapter(Adapter):
     model_types = ("mistral3",)
     multi_image = True
     display_name = "Mistral 3 (Mistral3ForConditionalGeneration)"
+    # image inputs: one (C, H, W) per image, padded to the batch's largest; the real sizes per image
+    pixel_keys = ("pixel_values", "image_sizes")
+    image_keys = ("image_sizes",)
 
     def _images(self, row: torch.Tensor) -> list[list[Span]]:
         images: list[list[Span]] = []

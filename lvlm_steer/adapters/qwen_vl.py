@@ -26,6 +26,18 @@ class Qwen2VLAdapter(Adapter):
     markers_after = 1  # <|vision_end|>
     stateful_attributes = ("model.rope_deltas",)  # mrope offsets cached at prefill, read at every decode step
 
+    # -- image inputs: flattened patch rows of all images, t*h*w rows per image (image_grid_thw) --------------
+    pixel_keys = ("pixel_values", "image_grid_thw")
+    image_keys = ("image_grid_thw",)
+
+    def _pixel_slots(self, inputs: dict[str, Any]) -> list[tuple]:
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            raise SteeringError("Qwen-VL pixel_values need the processor's image_grid_thw in the inputs")
+        counts = torch.as_tensor(thw).prod(dim=1).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [(slice(s, s + n),) for s, n in zip(starts, counts, strict=True)]
+
     def image_grids(self, inputs: dict[str, Any]) -> list[list[ImageTile]]:
         thw = inputs.get("image_grid_thw")
         if thw is None:

@@ -22,6 +22,17 @@ def supported_architectures() -> dict[str, str]:
     return {t: cls.display_name for t, cls in _ADAPTERS.items()}
 
 
+def vision_scoring_support() -> str:
+    """The model types whose adapter scores vision-tower tokens (pre-LLM pruning), grouped by how: CLS first,
+    LLaVA (the pre-LLM pruning papers' model) first within its group."""
+    kinds: dict[str, list[str]] = {}
+    for model_type, cls in _ADAPTERS.items():
+        if cls.vision_scoring_kind:
+            kinds.setdefault(cls.vision_scoring_kind, []).append(model_type)
+    order = sorted(kinds, key=lambda kind: (kind != "CLS", kind))
+    return "; ".join(f"{', '.join(sorted(kinds[k], key=lambda t: (t != 'llava', t)))} ({k})" for k in order)
+
+
 def adapter_for(model: nn.Module, processor: Any = None):
     """The adapter instance for ``model``; a clear error for anything unsupported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
