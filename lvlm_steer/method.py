@@ -251,7 +251,8 @@ class Method:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Method:
-        data = {k: v for k, v in data.items() if k != "method"}
+        hints = typing.get_type_hints(cls)
+        data = {k: _tuples_back(hints.get(k), v) for k, v in data.items() if k != "method"}
         return cls(**data)
 
     def spec(self) -> str:
@@ -328,6 +329,14 @@ def _mentions_float(hint: Any) -> bool:
     if isinstance(hint, str):
         return "float" in hint.replace(" ", "").split("|")
     return hint is float or float in typing.get_args(hint)
+
+
+def _tuples_back(hint: Any, value: Any) -> Any:
+    """JSON turned a tuple field's value into a list: make it a tuple again (``tuple[int, int] | None`` too)."""
+    if not isinstance(value, list):
+        return value
+    kinds = [hint, *typing.get_args(hint)]
+    return tuple(value) if any(k is tuple or typing.get_origin(k) is tuple for k in kinds) else value
 
 
 def _default(f: dataclasses.Field) -> Any:
