@@ -80,7 +80,7 @@ def test_layer_set_grammar():
 # -- finite floats ---------------------------------------------------------------------------------------------
 def _float_fields(cls) -> list[str]:
     hints = typing.get_type_hints(cls)
-    return [f.name for f in dataclasses.fields(cls) if hints[f.name] is float or float in typing.get_args(hints[f.name])]
+    return [f.name for f in dataclasses.fields(cls) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
 
 
 FLOAT_CASES = [
