@@ -199,11 +199,15 @@ def _beams(model, inputs, method, use_cache: bool):
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
-def test_mean_ablation_follows_beam_reordering(arch):
+@pytest.mark.parametrize("kind", ["mean", "zero", "scale"])
+def test_head_methods_follow_beam_reordering(arch, kind):
     model, processor = _model(arch)
     inputs = batch(processor)
     heads = {layer: list(range(ls.adapter_for(model).info.num_heads)) for layer in (0, 1)}
-    method = ls.AblateHeads(heads, mode="mean", where="text")
+    if kind == "scale":
+        method = ls.ScaleHeads(heads, gain=1.5, where="text")
+    else:
+        method = ls.AblateHeads(heads, mode=kind, where="text")
     cached_seq, cached_scores = _beams(model, inputs, method, use_cache=True)
     ref_seq, ref_scores = _beams(model, inputs, method, use_cache=False)  # every step re-runs the whole sequence
     assert torch.equal(cached_seq, ref_seq)
