@@ -24,7 +24,7 @@ from lvlm_steer.heads import (
     validate_heads,
     validate_where,
 )
-from lvlm_steer.method import Method
+from lvlm_steer.method import Host, Method, MethodState
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
 
@@ -52,8 +52,6 @@ class AblateHeads(Method):
         if self.mode not in MODES:
             raise MethodConfigError(f"ablate: mode={self.mode!r} is not one of {', '.join(MODES)}")
         validate_where(self.where, self.name)
-        self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, torch.Tensor] = {}
 
     def validate(self, info: ModelInfo) -> None:
         validate_heads(self.heads, info, self.name)
@@ -64,26 +62,27 @@ class AblateHeads(Method):
     def claims(self, info: ModelInfo) -> set:
         return {("head", layer, h) for layer, hs in self.heads.items() for h in hs}
 
-    def reset(self) -> None:
-        self._sums.clear()
-        self._counts.clear()
+    def bind(self, host: Host) -> MethodState:
+        return (_MeanAblation if self.mode == "mean" else _Ablation)(self, host)
 
-    def attach(self, steering) -> list:
-        return [
-            add_head_output_hook(steering, layer, self._editor(steering, layer, list(hs)))
-            for layer, hs in self.heads.items()
-        ]
 
-    def _editor(self, steering, layer: int, heads: list[int]):
+class _Ablation(MethodState):
+    """The head hooks of one model; mean mode adds the running sums of each row."""
+
+    method: AblateHeads
+
+    def __init__(self, method: AblateHeads, host: Host) -> None:
+        super().__init__(method, host)
+        for layer, hs in method.heads.items():
+            add_head_output_hook(host, layer, self._editor(layer, list(hs)))
+
+    def _editor(self, layer: int, heads: list[int]):
+        method = self.method
+
         def edit(x: torch.Tensor) -> torch.Tensor:
-            rows = query_rows(steering, self.where, x.device)
+            rows = query_rows(self.host, method.where, x.device)
             old = x[:, :, heads]
-            if self.mode == "zero":
-                new = torch.zeros_like(old)
-            elif self.mode == "constant":
-                new = torch.full_like(old, self.value)
-            else:
-                new = self._running_mean(steering, layer, old, rows)
+            new = self._replacement(layer, old, rows)
             if rows is not None:
                 new = torch.where(rows, new, old)
             out = x.clone()
@@ -92,15 +91,40 @@ class AblateHeads(Method):
 
         return edit
 
-    def _running_mean(self, steering, layer: int, old: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        weight = steering.context.query_valid_mask().to(old.device)[:, :, None, None]
+    def _replacement(self, layer: int, old: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """What the heads' outputs become: zero or the constant (mean mode overrides)."""
+        if self.method.mode == "zero":
+            return torch.zeros_like(old)
+        return torch.full_like(old, self.method.value)
+
+
+class _MeanAblation(_Ablation):
+    """Causal running mean per row: the sums and counts so far, carried across cached decoding steps."""
+
+    def __init__(self, method: AblateHeads, host: Host) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        super().__init__(method, host)
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def reorder_beams(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i continues row beam_idx[i], so it takes that row's sums and counts."""
+        for store in (self.sums, self.counts):
+            for layer, value in store.items():
+                store[layer] = value.index_select(0, beam_idx.to(value.device))
+
+    def _replacement(self, layer: int, old: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        weight = self.host.context.query_valid_mask().to(old.device)[:, :, None, None]
         if rows is not None:
             weight = weight & rows
         weight = weight.to(old.dtype)
         sums = torch.cumsum(old * weight, dim=1)
         counts = torch.cumsum(weight, dim=1)
-        if layer in self._sums:
-            sums = sums + self._sums[layer][:, None]
-            counts = counts + self._counts[layer][:, None]
-        self._sums[layer], self._counts[layer] = sums[:, -1], counts[:, -1]
+        if layer in self.sums:
+            sums = sums + self.sums[layer][:, None]
+            counts = counts + self.counts[layer][:, None]
+        self.sums[layer], self.counts[layer] = sums[:, -1], counts[:, -1]
         return sums / counts.clamp(min=1)

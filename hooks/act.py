@@ -32,7 +32,7 @@ from lvlm_steer.attention_rows import (
 )
 from lvlm_steer.errors import MethodConfigError, SteeringError
 from lvlm_steer.heads import HeadMap, format_heads, normalize_heads, parse_heads, validate_heads
-from lvlm_steer.method import Method
+from lvlm_steer.method import Host, Method, MethodState
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
 
@@ -66,8 +66,7 @@ class ACT(Method):
             raise MethodConfigError(f"act: beta must be in [0, 1], got {self.beta}")
         if not 0.0 < self.threshold <= 1.0:
             raise MethodConfigError(f"act: threshold must be in (0, 1], got {self.threshold}")
-        self._sinks: dict[int, torch.Tensor] = {}
-        self._warned = False
+        self._warned = False  # the default-heads warning is logged once per settings object
 
     def selected(self, info: ModelInfo) -> HeadMap:
         if self.heads:
@@ -95,16 +94,26 @@ class ACT(Method):
     def attention_layers(self, info: ModelInfo) -> frozenset[int]:
         return frozenset(self.selected(info)) if self.beta < 1 else frozenset()
 
-    def attach(self, steering) -> list:
-        self._head_masks = {}
-        for layer, hs in self.selected(steering.info).items():
-            mask = torch.zeros(steering.info.num_heads, dtype=torch.bool)
+    def bind(self, host: Host) -> MethodState:
+        return _ACTState(self, host)
+
+
+class _ACTState(MethodState):
+    """Per model: the selected heads as masks, and the sinks found at the last prefill."""
+
+    method: ACT
+
+    def __init__(self, method: ACT, host: Host) -> None:
+        super().__init__(method, host)
+        self.sinks: dict[int, torch.Tensor] = {}
+        self.head_masks: dict[int, torch.Tensor] = {}
+        for layer, hs in method.selected(host.info).items():
+            mask = torch.zeros(host.info.num_heads, dtype=torch.bool)
             mask[list(hs)] = True
-            self._head_masks[layer] = mask
-        return []
+            self.head_masks[layer] = mask
 
     def reset(self) -> None:
-        self._sinks.clear()
+        self.sinks.clear()
 
     def _find_sinks(self, call: AttentionCall, heads: torch.Tensor) -> torch.Tensor:
         """(B, H, K) sinks of the prompt: mean received attention > threshold, first sink per (row, head) kept."""
@@ -121,14 +130,14 @@ class ACT(Method):
             received += probs.sum(dim=2)
             seen += mask.float().sum(dim=2)
         score = received / seen.clamp(min=1)
-        sinks = (score > self.threshold) & heads.to(score.device)[None, :, None]
+        sinks = (score > self.method.threshold) & heads.to(score.device)[None, :, None]
         first = torch.cumsum(sinks.long(), dim=-1) == 1
         return sinks & ~first
 
     def _edit_one_row(self, call: AttentionCall, sinks: torch.Tensor) -> torch.Tensor:
         """Decode: the one new row's probabilities are O(keys); edit them directly and multiply by V."""
         probs = masked_softmax(row_logits(call, 0), rows_mask(call, 0))  # (B, H, 1, K)
-        edited = _one_row_edit(probs, sinks[:, :, None, :], self.beta)
+        edited = _one_row_edit(probs, sinks[:, :, None, :], self.method.beta)
         return attend(edited, call.value).transpose(1, 2).to(call.query.dtype)
 
     def edit_attention(self, call: AttentionCall) -> torch.Tensor:
@@ -138,17 +147,18 @@ class ACT(Method):
             raise SteeringError("act: attention logit softcapping is not supported by the grouped kernel")
         base = call.base()
         layer, k_len = call.layer_idx, call.key.shape[2]
-        heads = self._head_masks[layer]
+        heads = self.head_masks[layer]
         if call.context.phase == "prefill":
-            self._sinks[layer] = self._find_sinks(call, heads)
-        sinks = recorded_key_mask(self._sinks, layer, k_len, call.key.device, self.name)
+            self.sinks[layer] = self._find_sinks(call, heads)
+        sinks = recorded_key_mask(self.sinks, layer, k_len, call.key.device, self.method.name)
         if call.context.phase != "prefill" and call.query.shape[2] == 1:
             return self._edit_one_row(call, sinks)
         o, lse = grouped_attention(
             call.query, call.key, call.value, sinks.long(), 2, mask=rows_mask(call, 0), scaling=call_scaling(call)
         )
         m = group_masses(lse)
-        new = torch.stack([m[0] + (1 - self.beta) * m[1], self.beta * m[1]])
+        beta = self.method.beta
+        new = torch.stack([m[0] + (1 - beta) * m[1], beta * m[1]])
         rows = combine_groups(o, new)
         untouched = ~(heads.to(rows.device)[None, :, None] & (m[1] > 0))
         return replace_rows(base, 0, rows, keep=untouched)

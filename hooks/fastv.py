@@ -35,7 +35,8 @@ import torch
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import masked_softmax, row_logits
 from lvlm_steer.errors import MethodConfigError, SteeringError
-from lvlm_steer.method import Method
+from lvlm_steer.masks import additive_mask, allowed_keys
+from lvlm_steer.method import Host, Method, MethodState
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
 from lvlm_steer.stats import LayerTokens
@@ -64,12 +65,15 @@ class FastV(Method):
             raise MethodConfigError(f"fastv: r (fraction of image tokens dropped) must be in [0, 1), got {self.r}")
         if self.score not in SCORES:
             raise MethodConfigError(f"fastv: score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        self._steering: Any = None
-        self._window: int | None = None  # a sliding window the whole sequence must fit in (read at attach)
-        self.reset()
 
     # -- method interface ---------------------------------------------------------------------------------
     def validate(self, info: ModelInfo) -> None:
+        if not info.full_attention_only:
+            kinds = sorted(set(info.layer_types) - {"full_attention"})
+            raise MethodConfigError(
+                f"fastv: this model has {', '.join(kinds)} layers; FastV supports "
+                "full-attention text models only (a sliding-window cache cannot hold a pruned sequence)"
+            )
         if self.k >= info.num_layers:
             raise MethodConfigError(
                 f"fastv: k must be in [0, {info.num_layers}) for this model ({info.num_layers} text layers), "
@@ -90,24 +94,25 @@ class FastV(Method):
         # layers >= k see a different key layout: attention edits there would read the wrong slots
         return {("attention", layer) for layer in range(self.k, info.num_layers)} if self.active else set()
 
-    def attach(self, steering) -> list[Any]:
-        cfg = steering.adapter.text_config
-        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise MethodConfigError(
-                f"fastv: this model has {', '.join(sorted(kinds - {'full_attention'}))} layers; FastV supports "
-                "full-attention text models only (a sliding-window cache cannot hold a pruned sequence)"
-            )
-        self._steering = steering
-        uses_window = not getattr(cfg, "layer_types", None) and getattr(cfg, "use_sliding_window", True)
-        self._window = int(cfg.sliding_window) if uses_window and getattr(cfg, "sliding_window", None) else None
-        if not self.active:
-            return []
-        layers = steering.adapter.layers()
-        return [
-            layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
-            for i in range(self.k, len(layers))
-        ]
+    def bind(self, host: Host) -> MethodState:
+        return _FastVState(self, host)
+
+
+class _FastVState(MethodState):
+    """Per model: layer k-1's scores, the kept slots of the last prefill, and the pruned layers' hooks."""
+
+    method: FastV
+
+    def __init__(self, method: FastV, host: Host) -> None:
+        super().__init__(method, host)
+        self.k = method.k
+        self._window = host.info.sliding_window  # a window the whole sequence must fit in
+        self.reset()
+        if not method.active:
+            return
+        layers = host.adapter.layers()
+        for i in range(self.k, len(layers)):
+            host.add_forward_pre_hook(layers[i], self._layer_hook(i), with_kwargs=True)
 
     def reset(self) -> None:
         self._scores: torch.Tensor | None = None  # (B, L) key scores from layer k-1
@@ -119,10 +124,10 @@ class FastV(Method):
         self._kept_counts: list[int] | None = None
         self._memo: dict[int, tuple[Any, Any]] = {}
 
-    def layer_tokens(self, steering) -> LayerTokens | None:
+    def layer_tokens(self) -> LayerTokens | None:
         if self._valid_counts is None or self._kept_counts is None:
             return None
-        n = steering.info.num_layers
+        n = self.host.info.num_layers
         return LayerTokens(
             list(self._valid_counts), [list(self._valid_counts)] * self.k + [list(self._kept_counts)] * (n - self.k)
         )
@@ -144,7 +149,7 @@ class FastV(Method):
     def _probe(self, call: AttentionCall) -> torch.Tensor:
         """(B, K) head-mean attention each key gets: from the last query row, or averaged over valid rows."""
         q_len = call.query.shape[2]
-        if self.score == "last":
+        if self.method.score == "last":
             return _row_probs(call, q_len - 1, q_len)[:, 0]
         b, h, _, _ = call.query.shape
         k_len = call.key.shape[2]
@@ -159,11 +164,11 @@ class FastV(Method):
     # -- selection -------------------------------------------------------------------------------------------
     def _select(self, device: torch.device) -> None:
         """Fix this prefill's kept slots: per row all valid non-image tokens, the top image tokens, the last token."""
-        ctx = self._steering.context
+        ctx = self.host.context
         valid = ctx.keys_valid_mask().to(device)
         image = ctx.keys_image_mask().to(device) & valid
         n_image = image.sum(dim=1)
-        n_keep = torch.floor(n_image.double() * (1.0 - float(self.r)) + 0.5).long()
+        n_keep = torch.floor(n_image.double() * (1.0 - float(self.method.r)) + 0.5).long()
         if self.k == 0:
             order = torch.cumsum(image.long(), dim=1) - 1  # index of each image token within its row
             per = n_image.clamp(min=1)[:, None]
@@ -190,10 +195,7 @@ class FastV(Method):
     # -- pruned layers -----------------------------------------------------------------------------------------
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs):
-            steering = self._steering
-            if steering is None or steering.paused:
-                return None
-            prefill = steering.context.phase == "prefill"
+            prefill = self.host.context.phase == "prefill"
             hidden = args[0] if args else kwargs["hidden_states"]
             if layer == self.k:
                 self._memo = {}
@@ -283,15 +285,12 @@ class FastV(Method):
             allowed = key_ok[:, None, :] & torch.cat([causal.new_ones(q_len, width), causal], dim=1)[None]
         if mask is None or mask.dtype == torch.bool:
             return allowed[:, None]
-        low = torch.finfo(mask.dtype).min
-        return torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(~allowed, low)[:, None]
+        return additive_mask(allowed, mask.dtype)[:, None]
 
 
 def _gather_square(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, L', L') bool: a (B|1, 1, L, L) mask at the kept rows and columns of each batch row."""
-    m = mask[:, 0].expand(idx.shape[0], -1, -1)
-    if m.dtype != torch.bool:
-        m = m > torch.finfo(m.dtype).min / 2
+    m = allowed_keys(mask[:, 0].expand(idx.shape[0], -1, -1))
     m = torch.gather(m, 1, idx[:, :, None].expand(-1, -1, m.shape[2]))
     return torch.gather(m, 2, idx[:, None, :].expand(-1, m.shape[1], -1))
 
@@ -313,7 +312,5 @@ def _row_probs(call: AttentionCall, start: int, end: int) -> torch.Tensor:
         rows = torch.arange(start, end, device=logits.device)[:, None] + (k_len - q_len)
         allowed = (torch.arange(k_len, device=logits.device)[None, :] <= rows)[None, None]
     else:
-        allowed = mask[:, :, start:end, :k_len]
-        if allowed.dtype != torch.bool:
-            allowed = allowed > torch.finfo(allowed.dtype).min / 2
+        allowed = allowed_keys(mask[:, :, start:end, :k_len])
     return masked_softmax(logits, allowed).mean(dim=1)

@@ -9,7 +9,7 @@ import torch
 
 from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.heads import add_head_output_hook, query_rows, validate_heads, validate_where
-from lvlm_steer.method import Method
+from lvlm_steer.method import Host, Method, MethodState
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
 
@@ -83,19 +83,18 @@ class ScaleHeads(Method):
     def claims(self, info: ModelInfo) -> set:
         return {("head", layer, h) for layer, hs in self.heads.items() for h in hs}
 
-    def attach(self, steering) -> list:
-        handles = []
+    def bind(self, host: Host) -> MethodState:
         for layer, hs in self.heads.items():
-            gains = torch.ones(steering.info.num_heads)
+            gains = torch.ones(host.info.num_heads)
             for h, g in hs.items():
                 gains[h] = g
-            handles.append(add_head_output_hook(steering, layer, self._editor(steering, gains)))
-        return handles
+            add_head_output_hook(host, layer, self._editor(host, gains))
+        return MethodState(self, host)  # stateless: the gains are settings
 
-    def _editor(self, steering, gains: torch.Tensor):
+    def _editor(self, host: Host, gains: torch.Tensor):
         def edit(x: torch.Tensor) -> torch.Tensor:
             scaled = x * gains.to(x.device, x.dtype)[:, None]
-            rows = query_rows(steering, self.where, x.device)
+            rows = query_rows(host, self.where, x.device)
             return scaled if rows is None else torch.where(rows, scaled, x)
 
         return edit

@@ -35,7 +35,8 @@ from lvlm_steer.attention_rows import (
     softcap,
 )
 from lvlm_steer.errors import MethodConfigError, SteeringError
-from lvlm_steer.method import Method
+from lvlm_steer.layer_sets import format_layer_set, parse_layer_set
+from lvlm_steer.method import Host, Method, MethodState
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
 
@@ -45,7 +46,7 @@ TEXT, TEXT_SINK, IMAGE, IMAGE_SINK = 0, 1, 2, 3
 
 
 def _parse_dims(text: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in text.replace("+", ",").split(",") if d.strip()) if text else ()
+    return parse_layer_set(text, what="dimension")
 
 
 @register_method
@@ -65,7 +66,7 @@ class VAR(Method):
         default=(),
         metadata={
             "parse": _parse_dims,
-            "format": lambda d: "+".join(map(str, d)),
+            "format": format_layer_set,
             "help": "hidden dims of massive activations (empty: known table, else discovered)",
         },
     )
@@ -79,9 +80,7 @@ class VAR(Method):
                 raise MethodConfigError(f"var: {name} must be in [0, 1], got {value}")
         if self.tau <= 0:
             raise MethodConfigError(f"var: tau must be > 0, got {self.tau}")
-        self.sink_dims = tuple(int(d) for d in self.sink_dims)
-        self._dims: tuple[int, ...] = self.sink_dims
-        self._sinks: dict[int, torch.Tensor] = {}
+        self.sink_dims = tuple(sorted({int(d) for d in self.sink_dims}))
 
     def layers(self, info: ModelInfo) -> range:
         return range(self.start_layer, info.num_layers - (1 if self.skip_last else 0))
@@ -102,56 +101,65 @@ class VAR(Method):
     def attention_layers(self, info: ModelInfo) -> frozenset[int]:
         return frozenset(self.layers(info)) if self.p > 0 else frozenset()
 
-    # -- sinks -----------------------------------------------------------------------------------------
-    def attach(self, steering) -> list:
-        if self.p == 0:
-            return []
-        if not self._dims:
+    def bind(self, host: Host) -> MethodState:
+        return _VARState(self, host)
+
+
+class _VARState(MethodState):
+    """Per model: the sink dimensions in use (given, known or discovered) and the sinks of the last prefill."""
+
+    method: VAR
+
+    def __init__(self, method: VAR, host: Host) -> None:
+        super().__init__(method, host)
+        self.dims: tuple[int, ...] = method.sink_dims
+        self.sinks: dict[int, torch.Tensor] = {}
+        if method.p == 0:
+            return
+        if not self.dims:
             from lvlm_steer.sinks import known_sink_dims
 
-            self._dims = tuple(known_sink_dims(steering.model) or ())
-        layers = steering.adapter.layers()
-        return [
-            layers[i].register_forward_pre_hook(self._sink_hook(steering, i), with_kwargs=True)
-            for i in self.layers(steering.info)
-        ]
+            self.dims = tuple(known_sink_dims(host.model) or ())
+        layers = host.adapter.layers()
+        for i in method.layers(host.info):
+            host.add_forward_pre_hook(layers[i], self._sink_hook(i), with_kwargs=True)
 
-    def prepare(self, steering, forward_kwargs: dict[str, Any]) -> None:
-        if self._dims or self.p == 0:
+    def prepare(self, forward_kwargs: dict[str, Any]) -> None:
+        if self.dims or self.method.p == 0:
             return
         from lvlm_steer.sinks import cached_sink_dims
 
         inputs = {
             k: v for k, v in forward_kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")
         }
-        with steering.pause():
-            report = cached_sink_dims(steering.model, inputs)
+        with self.host.pause():
+            report = cached_sink_dims(self.host.model, inputs)
         dims = tuple(getattr(report, "dims", report) or ())
         if not dims:
             raise SteeringError(
                 "var: this model has no known sink dimensions and discovery on the first batch found none; run "
-                "`lvlm-steer sinks --model ...` to inspect its activations and pass var:sink_dims=D1+D2"
+                "`lvlm-steer sinks --model ...` to inspect its activations and pass var:sink_dims=D1,D2"
             )
         log.warning("var: discovered sink dimensions %s on the first batch (cached for this model)", dims)
-        self._dims = dims
+        self.dims = dims
 
     def reset(self) -> None:
-        self._sinks.clear()
+        self.sinks.clear()
 
-    def _sink_hook(self, steering, layer: int):
+    def _sink_hook(self, layer: int):
         from lvlm_steer.sinks import sink_mask
 
         def hook(module, args, kwargs):
-            if steering.paused or steering.context.phase != "prefill":
+            if self.host.context.phase != "prefill":
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._sinks[layer] = sink_mask(hidden, self._dims, self.tau)
+            self.sinks[layer] = sink_mask(hidden, self.dims, self.method.tau)
             return None
 
         return hook
 
     def _key_sinks(self, layer: int, key_len: int, device: torch.device) -> torch.Tensor:
-        return recorded_key_mask(self._sinks, layer, key_len, device, self.name)
+        return recorded_key_mask(self.sinks, layer, key_len, device, self.method.name)
 
     def _edit_one_row(self, call: AttentionCall, image: torch.Tensor) -> torch.Tensor:
         """Decode: one row per sequence, so its probabilities are O(keys); reweight keys by group, then @ V.
@@ -166,9 +174,9 @@ class VAR(Method):
         nonsink = (probs * image_nonsink).sum(-1, keepdim=True)
         sink = (probs * sinks).sum(-1, keepdim=True)
         share = torch.where(img > 0, nonsink / img.clamp(min=1e-30), torch.zeros_like(img))
-        chosen = (img >= self.image_mass) & (share >= self.rho)
-        boost = 1 + self.p * sink / nonsink.clamp(min=1e-30)
-        weight = torch.where(sinks, 1 - self.p, torch.where(image_nonsink, boost, torch.ones_like(probs)))
+        chosen = (img >= self.method.image_mass) & (share >= self.method.rho)
+        boost = 1 + self.method.p * sink / nonsink.clamp(min=1e-30)
+        weight = torch.where(sinks, 1 - self.method.p, torch.where(image_nonsink, boost, torch.ones_like(probs)))
         probs = torch.where(chosen, probs * weight, probs)
         return attend(probs, call.value).transpose(1, 2).to(call.query.dtype)
 
@@ -209,8 +217,9 @@ class VAR(Method):
         m = group_masses(lse)
         img = m[IMAGE] + m[IMAGE_SINK]
         share = torch.where(img > 0, m[IMAGE] / img.clamp(min=1e-30), torch.zeros_like(img))
-        chosen = (img >= self.image_mass) & (share >= self.rho) & row_ok[:, None, :]
-        moved = self.p * (m[TEXT_SINK] + m[IMAGE_SINK])
-        new = torch.stack([m[TEXT], (1 - self.p) * m[TEXT_SINK], m[IMAGE] + moved, (1 - self.p) * m[IMAGE_SINK]])
+        chosen = (img >= self.method.image_mass) & (share >= self.method.rho) & row_ok[:, None, :]
+        p = self.method.p
+        moved = p * (m[TEXT_SINK] + m[IMAGE_SINK])
+        new = torch.stack([m[TEXT], (1 - p) * m[TEXT_SINK], m[IMAGE] + moved, (1 - p) * m[IMAGE_SINK]])
         rows = combine_groups(o, new)
         return replace_rows(base, start, rows, keep=~chosen)

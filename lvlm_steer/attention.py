@@ -5,8 +5,8 @@ transformers looks the attention implementation up by name on every forward
 text config routes every text layer's attention call through `steered_attention` without touching any
 model class. The function looks the calling attention module up in `_ROUTES` (filled by `Steering` at
 attach, emptied at removal) and either runs the user's original implementation (sdpa, eager, flash, ...)
-or hands the call to the one method that edits this layer. Observers (`lvlm_steer.capture`: attention capture
-for any method) see every call first, with the q / k the layer computed, and never change its output.
+or hands the call to the state of the one method that edits this layer. Observers (`lvlm_steer.capture`:
+attention capture for any method) see every call first, with the q / k the layer computed, and never change its output.
 
 The mask function must be registered under the same name: without it transformers silently passes
 ``attention_mask=None`` and padded batches come out wrong.
@@ -31,7 +31,7 @@ from lvlm_steer.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from lvlm_steer.context import ForwardContext
-    from lvlm_steer.method import Method
+    from lvlm_steer.method import MethodState
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -71,7 +71,7 @@ class LayerRoute:
 
     base_fn: AttentionFn
     context: ForwardContext
-    editors: list[Method] = field(default_factory=list)
+    editors: list[MethodState] = field(default_factory=list)  # per-model states of the editing methods
     steering: Any = None
     observers: list[Callable[[AttentionCall], None]] = field(default_factory=list)
 

@@ -12,6 +12,7 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.errors import SteeringError
+from lvlm_steer.masks import allowed_keys
 
 
 def call_scaling(call: AttentionCall) -> float:
@@ -34,9 +35,7 @@ def rows_mask(call: AttentionCall, start: int) -> torch.Tensor:
         rows = torch.arange(start, q_len, device=call.query.device)[:, None] + (k_len - q_len)
         return (torch.arange(k_len, device=call.query.device)[None, :] <= rows)[None, None]
     mask = mask[:, :, start:, :k_len] if mask.shape[2] == q_len else mask[:, :, -(q_len - start) :, :k_len]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2  # eager's additive mask: finfo.min where hidden
+    return allowed_keys(mask)
 
 
 def row_logits(call: AttentionCall, start: int) -> torch.Tensor:

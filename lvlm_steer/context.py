@@ -45,7 +45,13 @@ class ForwardContext:
         ``image_mask`` is (B, q) over the new tokens, or None when only embeddings were given (then image
         positions are unknown and methods that need them refuse to run).
         """
-        prefill = past_len == 0 or self.key_image_mask is None or self.key_image_mask.shape[1] != past_len
+        # a new sequence: an empty cache, a cache we did not follow, or another batch size (another generate call)
+        prefill = (
+            past_len == 0
+            or self.key_image_mask is None
+            or self.key_image_mask.shape[1] != past_len
+            or self.key_image_mask.shape[0] != batch_size
+        )
         self.phase = "prefill" if past_len == 0 else "decode"
         self.query_len = query_len
         new_image = (

@@ -16,7 +16,7 @@ from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.model_info import ModelInfo
 
 if TYPE_CHECKING:
-    from lvlm_steer.steering import Steering
+    from lvlm_steer.method import Host
 
 HeadMap = dict[int, tuple[int, ...]]
 
@@ -98,11 +98,11 @@ def validate_where(where: str, method: str) -> None:
         raise MethodConfigError(f"{method}: where={where!r} is not one of {', '.join(WHERE_CHOICES)}")
 
 
-def query_rows(steering: Steering, where: str, device: torch.device) -> torch.Tensor | None:
+def query_rows(host: Host, where: str, device: torch.device) -> torch.Tensor | None:
     """(B, q, 1, 1) bool mask of the query tokens an edit applies to, or None for all of them."""
     if where == "all":
         return None
-    image = steering.context.query_image_mask().to(device)
+    image = host.context.query_image_mask().to(device)
     rows = image if where == "image" else ~image
     return rows[:, :, None, None]
 
@@ -110,17 +110,14 @@ def query_rows(steering: Steering, where: str, device: torch.device) -> torch.Te
 HeadEdit = Callable[[torch.Tensor], torch.Tensor]
 
 
-def add_head_output_hook(steering: Steering, layer: int, edit: HeadEdit):
-    """Run ``edit`` on layer ``layer``'s (B, q, H, D) head outputs before its ``o_proj``; return the handle."""
-    info = steering.info
-    o_proj = steering.adapter.o_proj(layer)
+def add_head_output_hook(host: Host, layer: int, edit: HeadEdit) -> None:
+    """Run ``edit`` on layer ``layer``'s (B, q, H, D) head outputs before its ``o_proj`` (not while paused)."""
+    info = host.info
 
     def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]):
-        if steering.paused:
-            return None
         x = args[0]
         b, q, _ = x.shape
         y = edit(x.reshape(b, q, info.num_heads, info.head_dim))
         return (y.reshape(b, q, -1), *args[1:])
 
-    return o_proj.register_forward_pre_hook(pre_hook)
+    host.add_forward_pre_hook(host.adapter.o_proj(layer), pre_hook)

@@ -116,11 +116,12 @@ def test_var_sinks_follow_the_hidden_states():
     model, processor = _model("llava")
     inputs = batch(processor)
     method = ls.VAR(**VAR_SETTINGS)
-    with torch.no_grad(), ls.steer(model, method):
+    with torch.no_grad(), ls.steer(model, method) as steered:
         hidden = model(**inputs, output_hidden_states=True).hidden_states
+        recorded = steered.state_of(method).sinks
     for layer in (1, 2):
         expected = sink_mask(hidden[layer], VAR_SETTINGS["sink_dims"], VAR_SETTINGS["tau"])
-        assert torch.equal(method._sinks[layer], expected)
+        assert torch.equal(recorded[layer], expected)
         assert expected.any() and not expected.all()
 
 
@@ -162,17 +163,18 @@ def test_var_without_known_dims_discovers_them_or_says_what_to_run(caplog):
     try:
         # |x[d]| / RMS(x) can never exceed sqrt(hidden) = 8 here, so the paper's tau = 20 cannot fire on this model
         method = ls.VAR(start_layer=1, skip_last=False, tau=5.0)
-        with caplog.at_level("WARNING", logger="lvlm_steer"), ls.steer(model, method):
+        with caplog.at_level("WARNING", logger="lvlm_steer"), ls.steer(model, method) as steered:
             logits(model, inputs)
-        assert 13 in method._dims
+            state = steered.state_of(method)
+        assert 13 in state.dims
         assert "discovered sink dimensions" in caplog.text
-        assert method._sinks[1][torch.arange(2), first].all()
+        assert state.sinks[1][torch.arange(2), first].all()
         # the same discovery from inside generate (v5 passes precomputed image features to the prefill forward)
         clear_sink_cache(model)
         in_generate = ls.VAR(start_layer=1, skip_last=False, tau=5.0)
-        with torch.no_grad(), ls.steer(model, in_generate):
+        with torch.no_grad(), ls.steer(model, in_generate) as steered:
             model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=[model.config.image_token_id])
-        assert 13 in in_generate._dims
+            assert 13 in steered.state_of(in_generate).dims
     finally:
         handle.remove()
         clear_sink_cache(model)

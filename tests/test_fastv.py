@@ -102,7 +102,7 @@ def reference_logits(model, inputs, k, kept):
 def _fast(model, inputs, method):
     with ls.steer(model, method) as steering:
         fast = logits(model, inputs)
-        kept = steering.methods[0].kept_positions
+        kept = steering.state_of(method).kept_positions
     return fast, kept
 
 
@@ -141,7 +141,7 @@ def test_cached_decode_equals_uncached_reforward(arch, k):
     with ls.steer(model, ls.FastV(k=k, r=0.5)) as steering:
         with torch.no_grad():
             seq, steps = greedy_with_logits(model, inputs, steps=4)
-        assert steering.methods[0].kept_positions[0].tolist() == kept[0]
+        assert steering.state_of(steering.methods[0]).kept_positions[0].tolist() == kept[0]
         cache_len = _cache_lengths(model, inputs)
     prompt = inputs["input_ids"].shape[1]
     extended = adapter_for(model).extend_inputs(inputs, seq)

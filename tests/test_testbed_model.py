@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from lvlm_steer.prompts import chat_prompt
 from lvlm_steer.testbed import WEIGHTS_DIR, load_testbed
 from lvlm_steer.testbed.world import NAMES, render, sample_scene
 
@@ -84,8 +85,7 @@ def test_processor_layout_matches_training_batches(testbed):
     samples = make_samples(random.Random(0), 3, text_only=False, progress=1.0)
     batch = collate(processor, samples)
     s = samples[0]
-    content = [{"type": "image"}, {"type": "text", "text": s.prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = chat_prompt(processor, s.prompt)
     ref = processor(images=[[s.image]], text=[text], return_tensors="pt")
     n = ref["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"][0, :n], ref["input_ids"][0])

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lvlm_steer.prompts import chat_prompt
+
 from .build import CAPTION_PROMPT, IMAGE, question_formats
 from .world import DEFAULT_WORLD, NAMES, Scene, WorldConfig, caption, render, sample_scene
 
@@ -100,8 +102,7 @@ def make_samples(
 
 
 def chat_prefix(processor, prompt: str, with_image: bool) -> str:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = chat_prompt(processor, prompt, n_images=1 if with_image else 0)
     return text.replace(IMAGE, IMAGE * image_tokens(processor))
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lvlm_steer.prompts import chat_prompt
+
 from .build import PATCH, TEXT_LAYERS, build_model, build_processor, question_formats
 from .data import collate, make_samples
 from .vision_pretrain import pretrain_vision
@@ -53,8 +55,7 @@ def probe_set(processor, cfg: WorldConfig, n: int = 128, seed: int = 99) -> tupl
         yes = i % 2 == 0
         name = rng.choice(scene.objects if yes else [x for x in names if x not in scene.objects])
         pope_wording = question_formats(name)[-1]
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pope_wording}]}]
-        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
+        texts.append(chat_prompt(processor, pope_wording))
         images.append([render(scene, cfg)])
         labels.append(int(yes))
     return dict(processor(images=images, text=texts, padding=True, return_tensors="pt")), torch.tensor(labels)

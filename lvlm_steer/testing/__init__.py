@@ -4,9 +4,11 @@
 ``make_image``, ``chat_prompt`` and ``tiny_batch`` make matching inputs. Nothing touches the network or the disk.
 """
 
+from lvlm_steer.prompts import chat_prompt
+
 from .coco import make_coco
 from .configs import ARCHITECTURES
-from .inputs import chat_prompt, make_image, tiny_batch
+from .inputs import make_image, tiny_batch
 from .models import tiny_model
 from .processors import tiny_processor
 

@@ -27,12 +27,6 @@ def make_image(seed: int = 0, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Ima
     return Image.fromarray(pixels)  # uint8 (H, W, 3) -> RGB
 
 
-def chat_prompt(processor: ProcessorMixin, text: str, n_images: int = 1) -> str:
-    """One user turn (``n_images`` image placeholders, then ``text``) rendered with the processor's chat template."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
 def tiny_batch(
     processor: ProcessorMixin,
     prompts: str | Sequence[str],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 import lvlm_steer as ls
+from lvlm_steer.masks import allowed_keys
 
 
 def full_logits(call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +25,8 @@ def full_logits(call) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is None:
         rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
         mask = (torch.arange(k_len, device=q.device)[None, :] <= rows)[None, None]
-    elif mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+    else:
+        mask = allowed_keys(mask)
     return z, mask[..., :k_len]
 
 
