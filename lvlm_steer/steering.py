@@ -126,6 +126,9 @@ class Steering:
             modules = self.adapter.attention_modules()
             editors: dict[int, list[MethodState]] = {}
             routes = [LayerRoute(base_attention_fn(base, m), self.context, [], self) for m in modules]
+            for module, route in zip(modules, routes, strict=True):  # routes first: methods may subscribe to them
+                add_route(module, route)
+                self._routed.append(module)
             self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
             host = SteeringHost(self)
             for m in self.methods:
@@ -135,10 +138,8 @@ class Steering:
                 self.states.append(state)
                 for layer in m.attention_layers(self.info):
                     editors.setdefault(layer, []).append(state)
-            for layer, (module, route) in enumerate(zip(modules, routes, strict=True)):
+            for layer, route in enumerate(routes):
                 route.editors = editors.get(layer, [])
-                add_route(module, route)
-                self._routed.append(module)
             self._original_impl = base
             self.model.set_attn_implementation({self.adapter.text_config_key: name})
             self._install_beam_hook()

@@ -13,12 +13,9 @@ CONFIG_ATTRIBUTES = {"config", "text_config", "vision_config"}
 # the model types our adapters know (the design rule: only adapters may name them)
 MODEL_TYPES = set(supported_architectures()) | {"llava", "qwen2_vl", "qwen2_5_vl", "internvl", "smolvlm", "gemma3"}
 
-# known violations in files being rewritten by others: (file, kind) -> why; the test fails once one is fixed,
-# so the entry must be deleted then (like a strict xfail)
-KNOWN = {
-    ("vtc_cls.py", "hasattr"): "hooks/vtc_cls.py: hasattr(module, 'q_norm') and hasattr(encoded, 'get')",
-    ("vtc_cls.py", "architecture list"): "hooks/vtc_cls.py SUPPORTED names the architectures it works on",
-}
+# known violations: (file, kind) -> why; the test fails once one is fixed, so the entry must be deleted then
+# (like a strict xfail). Empty: hooks/ branch on no architecture.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def architecture_branches(source: str) -> set[str]:
