@@ -36,6 +36,7 @@ from PIL import Image
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import masked_softmax, row_logits, rows_mask
+from lvlm_steer.compat import cache_argument
 from lvlm_steer.errors import MethodConfigError, MissingImagesError, SteeringError
 from lvlm_steer.image_regions import WHOLE_IMAGE, Box, Refined, refine_image, score_map
 from lvlm_steer.method import Method
@@ -254,7 +255,7 @@ class CARVE(Method):
             prefix = 0  # the image is not in the shared prefix, or the prefix sees what follows: prefill each alone
         layers = self.layer_range(steering.info)
         params = inspect.signature(model.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
+        cache_kw = cache_argument(model)
         extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # one row without padding: no attention mask (a causal forward); per-token inputs are sliced like the ids
         shape = encs[0]["input_ids"].shape

@@ -18,6 +18,7 @@ import torch
 
 from lvlm_steer.attention import AttentionCall
 from lvlm_steer.attention_rows import attend, masked_softmax, replace_rows, row_logits, rows_mask
+from lvlm_steer.compat import cache_kwargs
 from lvlm_steer.errors import MethodConfigError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
@@ -116,7 +117,8 @@ class TextOnlyContrast:
         self.fed = generated.shape[1]
         feed = {k: v.to(scores.device) for k, v in feed.items()}
         with torch.no_grad(), self.steering.pause(self.state):
-            logits = self.steering.model(**feed, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            model = self.steering.model
+            logits = model(**feed, **cache_kwargs(model, self.cache), use_cache=True).logits[:, -1]
         logp_txt = torch.log_softmax(logits.float(), dim=-1)
         logp_img = torch.log_softmax(scores.float(), dim=-1)
         mixed = self.gamma * (logp_img - logp_txt) + logp_txt

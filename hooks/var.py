@@ -34,6 +34,7 @@ from lvlm_steer.attention_rows import (
     rows_mask,
     softcap,
 )
+from lvlm_steer.compat import without_cache
 from lvlm_steer.errors import MethodConfigError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
@@ -121,9 +122,7 @@ class VAR(Method):
             return
         from lvlm_steer.sinks import cached_sink_dims
 
-        inputs = {
-            k: v for k, v in forward_kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")
-        }
+        inputs = without_cache(forward_kwargs)  # a nested forward must not write into generate's cache
         with steering.pause():
             report = cached_sink_dims(steering.model, inputs)
         dims = tuple(getattr(report, "dims", report) or ())

@@ -51,7 +51,9 @@ def load_model(
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        from lvlm_steer.compat import load_kwargs
+
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, **load_kwargs()}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
