@@ -111,7 +111,8 @@ def test_loading_passes_use_kernels_only_where_it_exists(tmp_path):
     assert not getattr(loaded, "use_kernels", False)
 
 
-FAKE_KERNELS = "FAKE = True\n__version__ = '0.19.1'\n"
+# a version transformers does not use (a viable one would make transformers >= 5.25 import its kernel API from it)
+FAKE_KERNELS = "FAKE = True\n__version__ = '0.0.1'\n"
 CHECK_ISOLATION = """
 import importlib, sys
 first = sys.argv[1]
