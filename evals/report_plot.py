@@ -3,9 +3,9 @@
 Rows are methods in one fixed order (every panel and run alike, so a method sits on the same row everywhere),
 x is the change in points with its 95% interval (Newcombe's score interval for a difference of two proportions,
 built from the Wilson intervals of each), a line marks no change. A filled marker is a change whose interval
-excludes 0; a hollow one is within the interval. Metrics without a sampling interval (F1, CHAIR recall) show
-their change alone, and say so in the panel title. POPE splits are separate markers, keyed in a legend above the
-panels, outside the axes. Without a ``none`` run, the panels show the values themselves.
+excludes 0; a hollow one has 0 within the interval. Metrics without a sampling interval (F1, CHAIR recall) show
+their change alone, half-filled, and say so in the panel title. POPE splits are separate markers, keyed in a
+legend above the panels, outside the axes. Without a ``none`` run, the panels show the values themselves.
 """
 
 from __future__ import annotations
@@ -80,6 +80,31 @@ def panel_points(rows: list[dict[str, Any]], metric: str, n_key: str | None) -> 
     return points
 
 
+def _direction(metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return "; lower is better"
+    return "" if metric == "yes_ratio" else "; higher is better"
+
+
+def _draw_panel(ax, points, shown, style, splits) -> None:
+    keys = sorted({p["split"] for p in points}, key=lambda s: splits.index(s) if s in splits else -1)
+    step = min(0.18, 0.6 / max(1, len(keys)))
+    offsets = {s: (i - (len(keys) - 1) / 2) * step for i, s in enumerate(keys)}
+    for p in points:
+        y = shown.index(p["method"]) + offsets[p["split"]]
+        colour, marker = style[p["split"]]
+        if p["interval"] is not None:
+            ax.plot(list(p["interval"]), [y, y], color=colour, lw=1.2, solid_capstyle="butt")
+        if p["interval"] is None:  # half-filled: there is no interval to judge by
+            ax.plot(p["x"], y, marker=marker, ms=5.5, color=colour, fillstyle="bottom", mfcalt="white", ls="none")
+            continue
+        face = colour if p["significant"] else "white"
+        ax.plot(p["x"], y, marker=marker, ms=5.5, color=colour, mfc=face, mew=1.2, ls="none")
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=8)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Write the figure for ``report`` (as `report.build_report` returns it) to ``path`` (PNG)."""
     import matplotlib
@@ -90,66 +115,49 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     runs = report["runs"]
     methods = sorted({r["method"] for run in runs for r in run["rows"]}, key=method_rank)
-    has_base = {id(run): any(r["method"] == "none" for r in run["rows"]) for run in runs}
-    shown = [m for m in methods if m != "none" or not all(has_base.values())]
-    splits = list(dict.fromkeys(r["split"] for run in runs if run["task"] == "pope" for r in run["rows"]))
-    style = {s: (f"C{i % 10}", SPLIT_MARKERS[i % len(SPLIT_MARKERS)]) for i, s in enumerate(splits)}
-    height = 0.9 + 0.32 * max(1, len(shown))
-    fig, axes = plt.subplots(len(runs), 3, figsize=(13, height * len(runs) + 0.9), squeeze=False)
-    for row_axes, run in zip(axes, runs, strict=True):
+    has_base = [any(r["method"] == "none" for r in run["rows"]) for run in runs]
+    shown = [m for m in methods if m != "none" or not all(has_base)]
+    splits = list(dict.fromkeys(r["split"] for run in runs for r in run["rows"]))
+    pope_splits = [s for s in splits if s != "-"]
+    style = {s: (f"C{i % 10}", SPLIT_MARKERS[i % len(SPLIT_MARKERS)]) for i, s in enumerate(pope_splits)}
+    style["-"] = ("0.15", "o")  # CHAIR: one value per method
+    height = 1.5 + 0.3 * max(1, len(shown))
+    fig = plt.figure(figsize=(13, height * len(runs) + 0.5), layout="constrained")
+    subfigs = fig.subfigures(len(runs), 1, squeeze=False)[:, 0]
+    for subfig, run, base_known in zip(subfigs, runs, has_base, strict=True):
+        axes = subfig.subplots(1, 3, sharey=True)
         panels = POPE_PANELS if run["task"] == "pope" else CHAIR_PANELS
-        base_rows = {r["split"]: r for r in run["rows"] if r["method"] == "none"}
-        for ax, (metric, title, n_key) in zip(row_axes, panels, strict=True):
-            points = panel_points(run["rows"], metric, n_key)
-            keys = sorted({p["split"] for p in points}, key=lambda s: splits.index(s) if s in splits else 0)
-            offsets = {s: (i - (len(keys) - 1) / 2) * min(0.18, 0.6 / max(1, len(keys))) for i, s in enumerate(keys)}
-            for p in points:
-                y = shown.index(p["method"]) + offsets[p["split"]]
-                colour, marker = style.get(p["split"], ("C0", "o"))
-                if p["interval"] is not None:
-                    lo, hi = p["interval"]
-                    ax.plot([lo, hi], [y, y], color=colour, lw=1.2, solid_capstyle="butt")
-                face = colour if p["significant"] else "white"
-                ax.plot(p["x"], y, marker=marker, ms=5.5, color=colour, mfc=face, mew=1.2, ls="none")
-            ax.set_yticks(range(len(shown)), shown if ax is row_axes[0] else [""] * len(shown), fontsize=8)
-            ax.set_ylim(len(shown) - 0.5, -0.5)
-            ax.grid(axis="x", alpha=0.3)
-            ax.tick_params(axis="x", labelsize=8)
-            if has_base[id(run)]:
+        base_rows = [r for r in run["rows"] if r["method"] == "none"]
+        for ax, (metric, title, n_key) in zip(axes, panels, strict=True):
+            _draw_panel(ax, panel_points(run["rows"], metric, n_key), shown, style, splits)
+            note = "" if n_key else " (no interval)"
+            if base_known:
                 ax.axvline(0, color="0.3", lw=0.8)
-                better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-                ax.set_xlabel(f"change vs none (points; {better})", fontsize=8)
-                refs = ", ".join(
-                    f"{split + ' ' if split != '-' else ''}{100 * r[metric]:.1f}"
-                    for split, r in base_rows.items()
-                    if r.get(metric) is not None
-                )
-                ax.set_title(f"{title}{'' if n_key else ' (no interval)'}  none: {refs}", fontsize=9)
+                ax.set_xlabel(f"change vs none (points{_direction(metric)})", fontsize=8)
+                refs = " / ".join(f"{100 * r[metric]:.1f}" for r in base_rows if r.get(metric) is not None)
+                ax.set_title(f"{title}{note}\nnone: {refs}", fontsize=9)
             else:
                 ax.set_xlabel("value (%)", fontsize=8)
-                ax.set_title(f"{title}{'' if n_key else ' (no interval)'}", fontsize=9)
-        name = Path(run["run"]).name
-        row_axes[0].annotate(
-            f"{run['task'].upper()}: {name} ({run['model']})",
-            xy=(0, 1),
-            xycoords="axes fraction",
-            xytext=(0, 18),
-            textcoords="offset points",
-            fontsize=10,
-            fontweight="bold",
-            ha="left",
+                ax.set_title(f"{title}{note}", fontsize=9)
+        axes[0].set_yticks(range(len(shown)), shown, fontsize=8)
+        keys = [r["split"] for r in base_rows] or list(dict.fromkeys(r["split"] for r in run["rows"]))
+        order = f"  (none's values in order: {' / '.join(keys)})" if base_known and len(keys) > 1 else ""
+        subfig.suptitle(
+            f"{run['task'].upper()}: {Path(run['run']).name} ({run['model']}){order}", fontsize=10, x=0.01, ha="left"
         )
     handles = [
-        Line2D([], [], color=c, marker=m, ls="-", lw=1.2, ms=5.5, label=s if s != "-" else "all")
+        Line2D([], [], color=c, marker=m, ls="-", lw=1.2, ms=5.5, label=s if s != "-" else "CHAIR")
         for s, (c, m) in style.items()
+        if s in splits
     ]
     handles += [
         Line2D([], [], color="0.3", marker="o", ls="none", ms=5.5, label="interval excludes 0"),
-        Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", ms=5.5, label="within interval"),
+        Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", ms=5.5, label="0 within interval"),
+        Line2D(
+            [], [], color="0.3", marker="o", fillstyle="bottom", mfcalt="white", ls="none", ms=5.5, label="no interval"
+        ),
     ]
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
-    top = 1 - 0.55 / fig.get_figheight()
-    fig.tight_layout(rect=(0, 0, 1, top), h_pad=2.5)
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
