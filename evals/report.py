@@ -1,5 +1,5 @@
 """``lvlm-steer report RUN...``: methods x metrics side by side (Markdown, JSON), with the change against ``none``,
-and a grouped bar chart (PNG)."""
+and a figure of each metric's change against ``none`` (PNG, `report_plot`)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "method": method,
                     **{c: metrics.get(c) for c in CHAIR_COLUMNS},
                     "n": metrics.get("n_captions"),
+                    "n_mentions": metrics.get("n_mentions"),  # CHAIR_i's denominator, for its interval
                 }
             )
     base = {(r["split"]): r for r in rows if r["method"] == "none"}
@@ -123,54 +124,10 @@ def _cell(value, delta, is_base: bool, column: str) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: one panel per run, metric groups on the x axis, one bar per method."""
-    import matplotlib
+    """One panel per metric: each method's change against ``none`` with its interval (see ``report_plot``)."""
+    from lvlm_steer.evals.report_plot import plot as plot_changes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    runs = report["runs"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.6 * len(runs)), squeeze=False)
-    for ax, run in zip(axes[:, 0], runs, strict=True):
-        if run["task"] == "pope":
-            groups = [(f"{r['split']}\nacc", r["split"], "accuracy") for r in run["rows"] if r["method"] == "none"]
-            groups += [(f"{split}\nF1", split, "f1") for _, split, _ in list(groups)]
-        else:
-            groups = [("CHAIR_s", "-", "chair_s"), ("CHAIR_i", "-", "chair_i"), ("recall", "-", "recall")]
-        methods = list(dict.fromkeys(r["method"] for r in run["rows"]))
-        if not groups:  # no 'none' baseline: take the splits from the rows
-            splits = list(dict.fromkeys(r["split"] for r in run["rows"]))
-            groups = [(f"{s}\nacc", s, "accuracy") for s in splits]
-        x = np.arange(len(groups))
-        width = 0.8 / max(1, len(methods))
-        for k, method in enumerate(methods):
-            values, errors = [], [[], []]
-            for _, split, column in groups:
-                row = next((r for r in run["rows"] if r["method"] == method and r["split"] == split), None)
-                value = 100 * (row[column] or 0) if row else 0
-                values.append(value)
-                lo, hi = row["accuracy_ci95"] if row and column == "accuracy" else (value / 100, value / 100)
-                errors[0].append(value - 100 * lo)
-                errors[1].append(100 * hi - value)
-            ax.bar(
-                x + (k - (len(methods) - 1) / 2) * width,
-                values,
-                width,
-                label=method,
-                yerr=errors,
-                capsize=2,
-                error_kw={"elinewidth": 0.8},
-            )
-        ax.set_xticks(x, [g[0] for g in groups], fontsize=8)
-        ax.set_ylabel("%")
-        ax.set_title(f"{run['task'].upper()}: {Path(run['run']).name} ({run['model']})", fontsize=10)
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_changes(report, path)
 
 
 def write_report(runs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:

@@ -34,6 +34,7 @@ from lvlm_steer.attention_rows import (
     rows_mask,
     softcap,
 )
+from lvlm_steer.compat import without_cache
 from lvlm_steer.errors import MethodConfigError, SteeringError
 from lvlm_steer.layer_sets import format_layer_set, parse_layer_set
 from lvlm_steer.method import Host, Method, MethodState
@@ -129,9 +130,7 @@ class _VARState(MethodState):
             return
         from lvlm_steer.sinks import cached_sink_dims
 
-        inputs = {
-            k: v for k, v in forward_kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")
-        }
+        inputs = without_cache(forward_kwargs)  # a nested forward must not write into generate's cache
         with self.host.pause():
             report = cached_sink_dims(self.host.model, inputs)
         dims = tuple(getattr(report, "dims", report) or ())

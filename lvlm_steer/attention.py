@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lvlm_steer.compat import as_implementation, flash_route_name
 from lvlm_steer.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -106,13 +107,14 @@ def steered_attention(module, query, key, value, attention_mask, **kwargs):
 def registered_name(base: str) -> str:
     """Our implementation's name for a model whose original implementation is ``base``.
 
-    transformers keys behaviour on substrings of the name: "flash" selects flash-attention input handling
-    (wanted when the base is flash), while "sdpa" and "flex" trigger capability checks we must avoid.
+    transformers keys behaviour on substrings of the name: "sdpa" and "flex" trigger capability checks, and from
+    5.25 "flash" (or "a/b") sends the name to its kernel loaders, so our names carry none of them. A flash base
+    keeps its own mask function under our name (see ``ensure_registered``).
     """
     if base == "sdpa":
         name = "lvlmsteer"
     elif "flash" in base:
-        name = f"lvlmsteer_{base}"
+        name = flash_route_name(base)  # transformers >= 5.25 refuses custom names containing "flash"
     elif base == "eager":
         name = "lvlmsteer_eager"
     else:
@@ -131,7 +133,8 @@ def base_attention_fn(base: str, module: nn.Module) -> AttentionFn:
         if fn is None:
             raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
         return fn
-    return ALL_ATTENTION_FUNCTIONS[base]
+    fn = ALL_ATTENTION_FUNCTIONS[base]
+    return as_implementation(base, fn) if "flash" in base else fn  # flash picks its kernel by the config's name
 
 
 def ensure_registered(base: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lvlm_steer.capture import CapturedRows, subscribe_attention
+from lvlm_steer.compat import cache_argument
 from lvlm_steer.errors import SteeringError
 
 
@@ -109,7 +110,7 @@ class CaptureRunner:
         if prefix < max(e for _, e in spans) or steering.adapter.bidirectional_prompt:
             prefix = 0  # the image is not in the shared prefix, or the prefix sees what follows: prefill each alone
         params = inspect.signature(model.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
+        cache_kw = cache_argument(model)
         extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # one row without padding: no attention mask (a causal forward); per-token inputs are sliced like the ids
         adapter = steering.adapter

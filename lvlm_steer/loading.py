@@ -68,12 +68,14 @@ def _from_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str | N
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from lvlm_steer.compat import load_kwargs
+
     if not Path(spec).expanduser().exists() and _looks_like_path(spec):
         raise SteeringError(
             f"model path {spec} does not exist; pass an existing model folder, a Hub id (org/name), "
             "builtin:testbed or tiny:<arch>"
         )
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **load_kwargs()}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

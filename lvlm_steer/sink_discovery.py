@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lvlm_steer.compat import without_cache
 from lvlm_steer.sink_known import decoder_layers, known_sink_dims, model_ids
 
 
@@ -70,12 +71,12 @@ class SinkReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-_OWN_KWARGS = ("output_hidden_states", "output_attentions", "use_cache", "return_dict", "past_key_values")
+_OWN_KWARGS = ("output_hidden_states", "output_attentions", "return_dict")
 
 
 def to_device(inputs: Mapping[str, Any], device: torch.device | None) -> dict[str, Any]:
     """The forward kwargs without the ones these functions set themselves, tensors moved to ``device``."""
-    inputs = {k: v for k, v in inputs.items() if k not in _OWN_KWARGS}
+    inputs = {k: v for k, v in without_cache(inputs).items() if k not in _OWN_KWARGS}
     if device is None:
         return inputs
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

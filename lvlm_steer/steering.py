@@ -25,6 +25,7 @@ from torch import nn
 
 from lvlm_steer.adapters import Adapter, adapter_for
 from lvlm_steer.attention import LayerRoute, add_route, base_attention_fn, drop_route, ensure_registered
+from lvlm_steer.compat import cache_from
 from lvlm_steer.context import ForwardContext
 from lvlm_steer.errors import ConflictError, MissingImagesError, SteeringError
 from lvlm_steer.host import LegacyState, SteeringHost
@@ -328,9 +329,7 @@ class Steering:
         tokens = input_ids if input_ids is not None else embeds
         if tokens is None:
             return
-        past = values.get("past_key_values")
-        if past is None:
-            past = values.get("cache")  # transformers >= 5.24 renamed past_key_values to cache
+        past = cache_from(values)
         past_len = int(past.get_seq_length()) if past is not None else 0
         self.context.begin(
             image_mask=self.adapter.image_mask(input_ids) if input_ids is not None else None,

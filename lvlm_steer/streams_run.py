@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from lvlm_steer.compat import cache_from, cache_kwargs
 from lvlm_steer.streams import Batch, CombineRule, StepScores, stream_forward
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class _Stream:
         self.fed = generated.shape[1]
         feed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
         with torch.no_grad():
-            out = stream_forward(steering, feed, self.state, past_key_values=self.cache, use_cache=True)
+            out = stream_forward(steering, feed, self.state, **cache_kwargs(steering.model, self.cache), use_cache=True)
         return out.logits[:, -1].float()
 
 
@@ -162,7 +163,7 @@ class JoinedRun:
     def _feed_main_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """At decode, every auxiliary row eats the token its main row chose (whatever its own row sampled)."""
         ids = kwargs.get("input_ids")
-        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = cache_from(kwargs)
         if ids is None or past is None or past.get_seq_length() == 0:
             return None
         ids, b = ids.clone(), self.rows

@@ -28,6 +28,7 @@ import torch
 
 from lvlm_steer.adapters import vision_scoring_support
 from lvlm_steer.adapters.base import left_pack
+from lvlm_steer.compat import cache_from
 from lvlm_steer.errors import MethodConfigError, MissingImagesError, SteeringError
 from lvlm_steer.method import Method
 from lvlm_steer.stats import LayerTokens
@@ -155,7 +156,7 @@ class VisionReducer(Method):
         if steering.paused:
             return None
         values = dict(zip(self._params, args, strict=False)) | kwargs
-        cache = values.get("past_key_values", values.get("cache"))
+        cache = cache_from(values)
         if cache is not None and cache.get_seq_length() > 0:
             return None  # decoding: the prompt was reduced at prefill
         if values.get("pixel_values") is not None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout's root on sys.path, where kernels/, hooks/ and evals/ (installed as
+# lvlm_steer.*) would pass for top-level packages: kernels/ would shadow the Hugging Face `kernels` package that
+# transformers >= 5.25 imports. The tests use the installed package, as a user does.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
-from lvlm_steer.testing import ARCHITECTURES, chat_prompt, make_image, tiny_batch, tiny_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lvlm_steer.testing import ARCHITECTURES, chat_prompt, make_image, tiny_batch, tiny_model  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

@@ -7,6 +7,7 @@ import torch
 from conftest import _model, batch, logits
 
 import lvlm_steer as ls
+from lvlm_steer.compat import load_kwargs
 
 
 def _hf_hooks(model) -> dict[str, str]:
@@ -36,7 +37,11 @@ def test_disk_offloaded_model(arch, tmp_path):
     model.save_pretrained(tmp_path / "model")
     device_map = _map_with_layer_on_disk(model, ls.adapter_for(model).layers_path, layer=1)
     dispatched = AutoModelForImageTextToText.from_pretrained(
-        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float32
+        tmp_path / "model",
+        device_map=device_map,
+        offload_folder=tmp_path / "offload",
+        dtype=torch.float32,
+        **load_kwargs(),
     ).eval()
     hooks_before = _hf_hooks(dispatched)
     assert hooks_before, "accelerate should have attached its hooks"

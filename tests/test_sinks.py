@@ -15,6 +15,7 @@ from conftest import batch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lvlm_steer import sinks
+from lvlm_steer.compat import load_kwargs
 from lvlm_steer.testing import tiny_model
 
 PLANTED_DIM = 13
@@ -280,7 +281,9 @@ def smollm2():
     start = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, **load_kwargs()
+        ).eval()
     except Exception as exc:  # pragma: no cover - depends on the installed transformers / gguf
         pytest.skip(f"could not load SmolLM2 from {folder / SMOLLM2_GGUF}: {type(exc).__name__}: {exc}")
     print(f"SmolLM2 loaded in {time.perf_counter() - start:.1f}s")

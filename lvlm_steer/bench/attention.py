@@ -1,10 +1,13 @@
 """`lvlm-steer bench attention`: VAR (fast and eager reference), ACT and PAI against unwrapped sdpa.
 
-Each condition runs in its own process (so peak memory is that condition's alone): the benchmark model, one
-~1.2k-token prompt, prefill then `decode_steps` greedy steps, `runs` times after a warm-up; medians of prefill
-time and decode tokens/s, and the peak resident memory over what the process held before the first forward
-("extra" memory: the growth of the peak over what the process held after a warm-up run, so imports and
-allocator pools do not count; the unwrapped run's extra is the baseline for attention memory).
+Each condition lives in its own worker process (so peak memory is that condition's alone): the benchmark model,
+one ~1.2k-token prompt, prefill then `decode_steps` greedy steps. The workers are started together and then
+driven one repeat at a time in interleaved, rotating rounds (`lvlm_steer.bench.timing`), after a warm-up repeat
+of each, so a change of machine load hits every condition alike instead of showing up as a ratio. Reported:
+min/median/max per condition of prefill time and decode tokens/s, ratios to the unwrapped model as medians of
+per-round ratios with their range (marked unreliable when the range is wider than the effect), and the peak
+resident memory over what each worker held after its warm-up ("extra" memory; the unwrapped worker's extra is
+the baseline for attention memory).
 
 The benchmark model has random weights, so it has no real massive activations: VAR gets explicit sink dimensions
 (the work per edited row does not depend on how many keys are sinks).
@@ -15,10 +18,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 CONDITIONS = ("unwrapped", "var", "var_reference", "act", "pai")
+METRICS = ("prefill_s", "decode_tokens_per_s")
 
 
 def _methods(name: str):
@@ -35,15 +40,16 @@ def _methods(name: str):
     }[name]
 
 
-def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict[str, Any]:
-    """Time one condition in this process (called in a subprocess by `run_attention_bench`)."""
+def serve_condition(name: str, variant: str, decode_steps: int, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Worker loop: build the model for one condition, then answer ``run`` (one timed repeat, JSON), ``memory``
+    (extra peak memory since the first repeat, JSON) and ``quit`` commands, one per line."""
     import logging
 
     import torch
 
     import lvlm_steer as ls
     from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
-    from lvlm_steer.bench.timing import ForwardTimer, median, reset_peak_rss, rss_mib
+    from lvlm_steer.bench.timing import ForwardTimer, reset_peak_rss, rss_mib
 
     logging.getLogger("lvlm_steer").setLevel(logging.ERROR)
     model, processor, description = benchmark_model(variant)
@@ -51,9 +57,20 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
     methods = _methods(name)
     if name == "var_reference":
         model.set_attn_implementation({"text_config": "eager"})  # the official setting: materialised attention
-    prefill, decode = [], []
-    before = float("nan")
-    for i in range(runs + 1):
+    before = None
+
+    def reply(data: dict[str, Any]) -> None:
+        stdout.write(json.dumps(data) + "\n")
+        stdout.flush()
+
+    reply({"ready": name, "model": description["name"], "prompt_tokens": int(inputs["input_ids"].shape[1])})
+    for line in stdin:
+        command = line.strip()
+        if command == "quit":
+            return
+        if command == "memory":
+            reply({"extra_peak_rss_mib": rss_mib("VmHWM") - before if before is not None else float("nan")})
+            continue
         steering = ls.steer(model, *methods, processor=processor) if methods is not None else None
         try:
             with ForwardTimer(model) as timer, torch.inference_mode():
@@ -63,52 +80,97 @@ def run_condition(name: str, variant: str, runs: int, decode_steps: int) -> dict
         finally:
             if steering is not None:
                 steering.remove()
-        if i == 0:  # the first run is a warm-up (imports, allocator pools); memory is measured from here
+        decode = timer.durations[1:]
+        reply({"prefill_s": timer.durations[0], "decode_tokens_per_s": len(decode) / sum(decode)})
+        if before is None:  # after the first repeat (the warm-up: imports, allocator pools) memory is measured
             reset_peak_rss()
             before = rss_mib()
-        else:
-            prefill.append(timer.durations[0])
-            decode.append(len(timer.durations[1:]) / sum(timer.durations[1:]))
-    return {
-        "condition": name,
-        "model": description["name"],
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "prefill_s": median(prefill),
-        "decode_tokens_per_s": median(decode),
-        "prefill_runs": prefill,
-        "extra_peak_rss_mib": rss_mib("VmHWM") - before,
-    }
+
+
+class Worker:
+    """One condition's worker process, driven line by line."""
+
+    def __init__(self, name: str, variant: str, decode_steps: int) -> None:
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "lvlm_steer.bench.attention", name, variant, str(decode_steps)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.info: dict[str, Any] = {}
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"bench attention: condition {self.name} failed:\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
 
 
 def run_attention_bench(variant: str = "full", runs: int = 3, decode_steps: int = 64, progress=print) -> dict:
-    results = {}
+    from lvlm_steer.bench.timing import compare, interleaved, ratio_spread, unreliable_ratios
+
+    start = time.perf_counter()
+    workers = {name: Worker(name, variant, decode_steps) for name in CONDITIONS}
+    try:
+        for w in workers.values():
+            w.info = w.read()  # ready
+        progress(f"workers ready ({time.perf_counter() - start:.0f} s); warm-up: {', '.join(CONDITIONS)}")
+
+        def report(name: str, round_index: int, r: dict[str, float]) -> None:
+            progress(
+                f"round {round_index}/{runs} {name}: prefill {r['prefill_s']:.2f} s, "
+                f"decode {r['decode_tokens_per_s']:.2f} tok/s ({time.perf_counter() - start:.0f} s)"
+            )
+
+        samples = interleaved(list(CONDITIONS), runs, lambda name: workers[name].ask("run"), progress=report)
+        memory = {name: w.ask("memory")["extra_peak_rss_mib"] for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+    comparison = compare(samples, "unwrapped", METRICS)
+    results: dict[str, dict[str, Any]] = {}
     for name in CONDITIONS:
-        start = time.perf_counter()
-        cmd = [sys.executable, "-m", "lvlm_steer.bench.attention", name, variant, str(runs), str(decode_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench attention: condition {name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[name]
-        progress(
-            f"{name}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
-            f"extra peak {r['extra_peak_rss_mib']:.0f} MiB ({time.perf_counter() - start:.0f} s)"
-        )
-    base = results["unwrapped"]
-    for r in results.values():
-        r["prefill_vs_unwrapped"] = r["prefill_s"] / base["prefill_s"]
-        r["decode_vs_unwrapped"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        r["attention_memory_mib"] = max(0.0, r["extra_peak_rss_mib"] - base["extra_peak_rss_mib"])
+        entry = comparison[name]
+        results[name] = {
+            "condition": name,
+            "model": workers[name].info["model"],
+            "prompt_tokens": workers[name].info["prompt_tokens"],
+            "prefill_s": entry["prefill_s"]["median"],
+            "decode_tokens_per_s": entry["decode_tokens_per_s"]["median"],
+            "prefill_runs": [r["prefill_s"] for r in samples[name]],
+            "decode_runs": [r["decode_tokens_per_s"] for r in samples[name]],
+            "extra_peak_rss_mib": memory[name],
+            "prefill_vs_unwrapped": entry["prefill_s"].get("vs_unwrapped", {"ratio": 1.0})["ratio"],
+            "decode_vs_unwrapped": entry["decode_tokens_per_s"].get("vs_unwrapped", {"ratio": 1.0})["ratio"],
+            "attention_memory_mib": max(0.0, memory[name] - memory["unwrapped"]),
+        }
     var, ref = results["var"], results["var_reference"]
+    speedup = ratio_spread(ref["prefill_runs"], var["prefill_runs"])  # per round: reference time / fast time
     return {
         "benchmark": "attention",
         "variant": variant,
         "runs": runs,
         "decode_steps": decode_steps,
         "results": results,
+        "spread": comparison | {"var_speedup_vs_eager_reference": speedup},
+        "unreliable": unreliable_ratios(comparison) + ["var_speedup_vs_eager_reference"] * speedup["unreliable"],
         "checks": {
             "var_prefill_vs_unwrapped": var["prefill_vs_unwrapped"],
-            "var_speedup_vs_eager_reference": ref["prefill_s"] / var["prefill_s"],
+            "var_speedup_vs_eager_reference": speedup["ratio"],
             "var_attention_memory_ratio_reference_over_fast": (
                 ref["attention_memory_mib"] / var["attention_memory_mib"] if var["attention_memory_mib"] > 0 else None
             ),
@@ -124,5 +186,4 @@ def run_attention_bench(variant: str = "full", runs: int = 3, decode_steps: int 
 
 
 if __name__ == "__main__":
-    name, variant, runs, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(run_condition(name, variant, runs, steps)))
+    serve_condition(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -3,7 +3,8 @@
 Both answer the same POPE-style questions about the same images in the same batches. The bare loop gets its
 images preloaded in memory and does nothing but preprocess, generate and decode; the runner loads images from
 disk (overlapped with generation), parses, and appends a flushed record per item. Questions/s for each, per
-model and batch size; the runner's overhead target is <= 10%.
+model and batch size, the two interleaved in rotating rounds (`lvlm_steer.bench.timing`): the runner's overhead
+is the median of per-round ratios, with their range and an unreliable flag; its target is <= 10%.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lvlm_steer.bench.timing import median
+from lvlm_steer.bench.timing import compare, interleaved, median
 from lvlm_steer.evals.pope import DEFAULT_PROMPT_SUFFIX, parse_answer
 from lvlm_steer.evals.runner import Condition, EvalItem, Runner, Shard, chat_text
 
@@ -69,6 +70,34 @@ def runner_loop(model, processor, items: list[EvalItem], batch_size: int, max_ne
         return time.perf_counter() - start
 
 
+def compare_loops(model, processor, items: list[EvalItem], batch_size: int, runs: int, max_new_tokens: int,
+                  label: str, progress) -> dict[str, Any]:  # fmt: skip
+    """Bare loop vs runner in interleaved rounds (bench.timing; the caller ran a warm-up): q/s and the overhead."""
+    loops = {"bare": bare_loop, "runner": runner_loop}
+    n = len(items)
+
+    def run(name: str) -> dict[str, float]:
+        return {"seconds": loops[name](model, processor, items, batch_size, max_new_tokens)}
+
+    def report(name: str, round_index: int, r: dict[str, float]) -> None:
+        progress(f"{label} round {round_index}/{runs}: {name} {n / r['seconds']:.2f} q/s")
+
+    samples = interleaved(list(loops), runs, run, warmup=False, progress=report)
+    comparison = compare(samples, "bare", ["seconds"])
+    ratio = comparison["runner"]["seconds"]["vs_bare"]
+    bare, ours = ([r["seconds"] for r in samples[name]] for name in loops)
+    return {
+        "bare_questions_per_s": n / median(bare),
+        "runner_questions_per_s": n / median(ours),
+        "runner_overhead": ratio["ratio"] - 1,
+        "runner_overhead_range": [ratio["min"] - 1, ratio["max"] - 1],
+        "unreliable": ratio["unreliable"],
+        "spread": comparison,
+        "bare_s": bare,
+        "runner_s": ours,
+    }
+
+
 def run_eval_bench(
     models: list[str], batch_sizes: list[int], n_questions: int, runs: int, max_new_tokens: int, progress=print
 ) -> dict[str, Any]:
@@ -83,22 +112,10 @@ def run_eval_bench(
             bare_loop(model, processor, items[: batch_sizes[0]], batch_sizes[0], max_new_tokens)  # warm-up
             per_model = {}
             for bs in batch_sizes:
-                bare, ours = [], []
-                for r in range(runs):  # interleaved, so machine drift hits both alike
-                    bare.append(bare_loop(model, processor, items, bs, max_new_tokens))
-                    ours.append(runner_loop(model, processor, items, bs, max_new_tokens))
-                    progress(
-                        f"{spec} batch {bs} run {r + 1}/{runs}: bare {n_questions / bare[-1]:.2f} q/s, "
-                        f"runner {n_questions / ours[-1]:.2f} q/s"
-                    )
-                b, o = median(bare), median(ours)
-                per_model[f"batch_{bs}"] = {
-                    "bare_questions_per_s": n_questions / b,
-                    "runner_questions_per_s": n_questions / o,
-                    "runner_overhead": o / b - 1,
-                    "bare_s": bare,
-                    "runner_s": ours,
-                }
+                label = f"{spec} batch {bs}"
+                per_model[f"batch_{bs}"] = compare_loops(
+                    model, processor, items, bs, runs, max_new_tokens, label, progress
+                )
             first, last = per_model[f"batch_{batch_sizes[0]}"], per_model[f"batch_{batch_sizes[-1]}"]
             per_model["batch_scaling"] = last["runner_questions_per_s"] / first["runner_questions_per_s"]
         results[spec] = per_model

@@ -2,8 +2,9 @@
 
 Conditions: the unwrapped model, ``steer()`` with no method, and ``AblateHeads`` on 10 heads. Each run is one
 greedy ``generate`` of exactly ``new_tokens`` tokens; a forward timer splits it into prefill (the first
-forward) and decode. Conditions are interleaved round-robin so that drift in machine speed hits all alike,
-after one untimed warm-up each; medians over ``runs``.
+forward) and decode. Conditions are interleaved in rotating rounds after one untimed warm-up each
+(`lvlm_steer.bench.timing`): min/median/max per condition, ratios as medians of per-round ratios with their
+range, and the ratios whose range is wider than their effect listed under ``unreliable``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import torch
 
 import lvlm_steer as ls
 from lvlm_steer.bench.model import benchmark_inputs, benchmark_model
-from lvlm_steer.bench.timing import ForwardTimer, environment, median, peak_rss_mib
+from lvlm_steer.bench.timing import ForwardTimer, compare, environment, interleaved, peak_rss_mib, unreliable_ratios
+
+METRICS = ("prefill_s", "decode_tokens_per_s", "generate_tokens_per_s", "generate_s")
+# ratios to the unwrapped model: medians of per-round ratios (see lvlm_steer.bench.timing)
+RATIO_LABELS = {
+    "generate_tokens_per_s": "generate_throughput_vs_unwrapped",
+    "decode_tokens_per_s": "decode_throughput_vs_unwrapped",
+    "prefill_s": "prefill_vs_unwrapped",
+}
 
 
 def spread_heads(num_layers: int, num_heads: int, count: int = 10) -> dict[int, list[int]]:
@@ -68,27 +77,21 @@ def run_overhead(variant: str = "full", runs: int = 3, new_tokens: int = 32, pro
         with ls.steer(model, *methods, processor=processor):
             return _one_run(model, inputs, new_tokens)
 
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in conditions}
-    for name in conditions:
-        progress(f"warm-up: {name}")
-        run(name)
-    for i in range(runs):
-        for name in conditions:
-            r = run(name)
-            results[name].append(r)
-            progress(
-                f"run {i + 1}/{runs} {name}: prefill {r['prefill_s']:.2f} s, "
-                f"decode {r['decode_tokens_per_s']:.2f} tok/s, generate {r['generate_tokens_per_s']:.2f} tok/s"
-            )
+    def report(name: str, round_index: int, r: dict[str, float]) -> None:
+        progress(
+            f"round {round_index}/{runs} {name}: prefill {r['prefill_s']:.2f} s, "
+            f"decode {r['decode_tokens_per_s']:.2f} tok/s, generate {r['generate_tokens_per_s']:.2f} tok/s"
+        )
 
+    progress(f"warm-up: {', '.join(conditions)}")
+    results = interleaved(list(conditions), runs, run, progress=report)
+    comparison = compare(results, "unwrapped", METRICS)
     summary = {}
-    for name, rs in results.items():
-        summary[name] = {key: median([r[key] for r in rs]) for key in rs[0]}
-    base = summary["unwrapped"]
-    for s in summary.values():
-        s["generate_throughput_vs_unwrapped"] = s["generate_tokens_per_s"] / base["generate_tokens_per_s"]
-        s["decode_throughput_vs_unwrapped"] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        s["prefill_vs_unwrapped"] = s["prefill_s"] / base["prefill_s"]
+    for name, entry in comparison.items():
+        summary[name] = {metric: entry[metric]["median"] for metric in METRICS}
+        if name != "unwrapped":
+            for metric, label in RATIO_LABELS.items():
+                summary[name][label] = entry[metric]["vs_unwrapped"]["ratio"]
     return {
         "benchmark": "overhead",
         "model": description,
@@ -99,6 +102,8 @@ def run_overhead(variant: str = "full", runs: int = 3, new_tokens: int = 32, pro
         "ablated_heads": ls.AblateHeads(heads).spec(),
         "targets": {"steer_no_method": ">= 0.97x unwrapped throughput", "ablate_10_heads": ">= 0.95x"},
         "summary": summary,
+        "spread": comparison,
+        "unreliable": unreliable_ratios(comparison),
         "raw": results,
         "peak_rss_mib": peak_rss_mib(),
         "environment": environment(),

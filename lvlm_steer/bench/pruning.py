@@ -12,8 +12,10 @@ Each run is one greedy generation of exactly ``new_tokens`` tokens (through the 
 needs). A forward timer gives the LLM prefill (the first forward), the time to first token (from the call,
 so vision encoding and VTC-CLS's scoring count) and decode tokens/s; the peak resident memory over what the
 process held before the run is read per run (the kernel's peak counter is reset first). Conditions are
-interleaved round-robin after one warm-up each; medians over ``runs``. The FLOPs reduction is FastV's Eq. 5
-from `Steering.stats()` (prefill, text layers only), printed next to the measured prefill speed-up.
+interleaved in rotating rounds after one warm-up each (`lvlm_steer.bench.timing`): medians over ``runs``, the
+spread of each condition and of each per-round ratio under ``spread``, and the unreliable ratios listed.
+The FLOPs reduction is FastV's Eq. 5 from `Steering.stats()` (prefill, text layers only), printed next to the
+measured prefill speed-up.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from typing import Any
 import torch
 
 import lvlm_steer as ls
-from lvlm_steer.bench.timing import ForwardTimer, environment, median, reset_peak_rss, rss_mib
+from lvlm_steer.bench.timing import (
+    ForwardTimer,
+    compare,
+    environment,
+    interleaved,
+    median,
+    reset_peak_rss,
+    rss_mib,
+    unreliable_ratios,
+)
 from lvlm_steer.stats import PrefillStats
 
 DEFAULT_MODELS = ("bench", "llava15")
@@ -36,6 +47,7 @@ LLAVA_SHAPES = {
     "tiny": dict(vision=(32, 64, 2, 56), text=(64, 128, 4)),
 }
 REAL_TEXT_LAYERS = {"llava15": 32, "bench": 30}  # LLaVA-1.5-7B, SmolVLM-256M
+TIMED = ("prefill_s", "ttft_s", "decode_tokens_per_s", "generate_s")  # compared per round with the unwrapped run
 LLAVA_PROMPT = (35, 25)  # text tokens before the image (LLaVA's system prompt) and after it (question)
 
 
@@ -163,30 +175,35 @@ def bench_model(spec: str, runs: int, new_tokens: int, progress=print) -> dict[s
     model, processor, inputs, description, vtc_start = load(spec)
     depth = REAL_TEXT_LAYERS[spec.split(":")[0]]
     conds = conditions(vtc_start)
-    for name, methods in conds.items():
-        progress(f"{spec}: warm-up {name}")
-        one_run(model, processor, inputs, methods, new_tokens, depth)
-    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in conds}
-    for i in range(runs):
-        for name, methods in conds.items():
-            r = one_run(model, processor, inputs, methods, new_tokens, depth)
-            raw[name].append(r)
-            progress(
-                f"{spec} run {i + 1}/{runs} {name}: prefill {r['prefill_s']:.3f} s, ttft {r['ttft_s']:.3f} s, "
-                f"decode {r['decode_tokens_per_s']:.2f} tok/s, FLOPs -{100 * r['flops_reduction']:.1f}% "
-                f"(-{100 * r['flops_reduction_real_depth']:.1f}% at {depth} layers)"
-            )
+
+    def report(name: str, round_index: int, r: dict[str, Any]) -> None:
+        progress(
+            f"{spec} round {round_index}/{runs} {name}: prefill {r['prefill_s']:.3f} s, ttft {r['ttft_s']:.3f} s, "
+            f"decode {r['decode_tokens_per_s']:.2f} tok/s, FLOPs -{100 * r['flops_reduction']:.1f}% "
+            f"(-{100 * r['flops_reduction_real_depth']:.1f}% at {depth} layers)"
+        )
+
+    progress(f"{spec}: warm-up {', '.join(conds)}")
+    raw = interleaved(
+        list(conds),
+        runs,
+        lambda name: one_run(model, processor, inputs, conds[name], new_tokens, depth),
+        progress=report,
+    )
+    comparison = compare(raw, "unwrapped", TIMED)
     summary = {}
     for name, rs in raw.items():
         summary[name] = {k: median([r[k] for r in rs]) for k in rs[0] if k != "last_layer_tokens"}
         summary[name]["last_layer_tokens"] = rs[0]["last_layer_tokens"]
         summary[name]["prefill_s_min"] = min(r["prefill_s"] for r in rs)  # least disturbed by other processes
     base = summary["unwrapped"]
-    for s in summary.values():
-        s["prefill_speedup"] = base["prefill_s"] / s["prefill_s"]
+    for name, s in summary.items():
+        per_round = comparison[name]
+        ratio = {k: per_round[k]["vs_unwrapped"]["ratio"] if name != "unwrapped" else 1.0 for k in TIMED}
+        s["prefill_speedup"] = 1.0 / ratio["prefill_s"]  # medians of per-round ratios (bench.timing)
         s["prefill_speedup_min"] = base["prefill_s_min"] / s["prefill_s_min"]
-        s["ttft_speedup"] = base["ttft_s"] / s["ttft_s"]
-        s["decode_vs_unwrapped"] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        s["ttft_speedup"] = 1.0 / ratio["ttft_s"]
+        s["decode_vs_unwrapped"] = ratio["decode_tokens_per_s"]
         s["extra_peak_rss_vs_unwrapped_mib"] = s["extra_peak_rss_mib"] - base["extra_peak_rss_mib"]
         s["flops_speedup_bound"] = 1.0 / (1.0 - s["flops_reduction"]) if s["flops_reduction"] < 1 else None
     ids = inputs["input_ids"]
@@ -197,6 +214,8 @@ def bench_model(spec: str, runs: int, new_tokens: int, progress=print) -> dict[s
         "vtc_cls_start_layer": vtc_start,
         "real_text_layers": depth,
         "summary": summary,
+        "spread": comparison,
+        "unreliable": unreliable_ratios(comparison),
         "raw": raw,
     }
 
@@ -215,7 +234,7 @@ def run_pruning_bench(models: list[str] | tuple[str, ...] = DEFAULT_MODELS, runs
         "new_tokens": new_tokens,
         "flops": "FastV Eq. 5 per text layer, prefill only: C(n) = 4nd^2 + 2n^2d + 2ndm",
         "columns": {
-            "prefill_speedup": "unwrapped LLM prefill time / this condition's (first forward only), medians",
+            "prefill_speedup": "unwrapped LLM prefill time / this condition's (first forward only), per round; median",
             "prefill_speedup_min": "the same from the fastest run of each condition (robust on a shared host)",
             "ttft_speedup": "time to first token, vision tower and VTC-CLS scoring included",
             "flops_speedup_bound": "1 / (1 - FLOPs reduction): the prefill speed-up if time followed FLOPs",

@@ -1,4 +1,11 @@
-"""Timing helpers: per-forward timestamps inside generate (prefill vs decode) and peak memory."""
+"""Timing helpers: interleaved rounds with spreads, per-forward timestamps inside generate, peak memory.
+
+On a shared machine the load changes between conditions, so every `bench` command runs its conditions
+interleaved (one repeat of each per round, the order rotating: A B C, B C A, C A B, ...), after an untimed
+warm-up of each. A ratio against the baseline is taken per round (both ran within the same minute) and reported
+as the median of those per-round ratios with their range; it is marked unreliable when that range is wider than
+the effect itself (|median ratio - 1|), or when there is only one round.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,8 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -63,8 +70,114 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+T = TypeVar("T")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def round_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of one round: ``names`` rotated by the round index (A B C, B C A, C A B, ...)."""
+    if not names:
+        return []
+    k = round_index % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def interleaved(
+    names: Sequence[str],
+    rounds: int,
+    run: Callable[[str], T],
+    warmup: bool = True,
+    progress: Callable[[str, int, T], None] | None = None,
+) -> dict[str, list[T]]:
+    """Run each condition once per round, rounds interleaved (see the module docstring); results per condition.
+
+    ``run(name)`` does one repeat of a condition and returns its measurement. With ``warmup`` every condition
+    first runs once untimed (imports, allocator pools, caches). ``progress(name, round, result)`` is called after
+    each timed repeat (round counts from 1).
+    """
+    if rounds < 1:
+        raise ValueError(f"need at least one round, got {rounds}")
+    if warmup:
+        for name in names:
+            run(name)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in round_order(names, r):
+            result = run(name)
+            results[name].append(result)
+            if progress is not None:
+                progress(name, r + 1, result)
+    return results
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of one condition's repeats, and n."""
+    values = list(values)
+    if not values:
+        nan = float("nan")
+        return {"min": nan, "median": nan, "max": nan, "n": 0}
+    return {"min": min(values), "median": median(values), "max": max(values), "n": len(values)}
+
+
+def ratio_spread(values: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+    """``values / base`` per round: median, min, max, range, effect (|median - 1|) and whether it is unreliable.
+
+    Unreliable: the per-round ratios spread over a wider range than the effect they are meant to show (so the
+    ratio's sign or size is within the machine's noise), or there is only one round to judge from.
+    """
+    if len(values) != len(base):
+        raise ValueError(f"per-round ratios need as many repeats as the baseline ({len(values)} vs {len(base)})")
+    ratios = [v / b if b else float("nan") for v, b in zip(values, base, strict=True)]
+    mid = median(ratios)
+    lo, hi = (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
+    width, effect = hi - lo, abs(mid - 1)
+    reason = None
+    if len(ratios) < 2:
+        reason = "one round: no spread to judge from"
+    elif not width <= effect:  # also catches nan
+        reason = f"per-round ratios span {width:.3f}, wider than the effect {effect:.3f}"
+    return {
+        "ratio": mid,
+        "min": lo,
+        "max": hi,
+        "range": width,
+        "effect": effect,
+        "per_round": ratios,
+        "unreliable": reason is not None,
+        "why_unreliable": reason,
+    }
+
+
+def compare(samples: dict[str, list[dict[str, float]]], base: str, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per condition and metric: the spread of its repeats and, except for ``base``, its ratio to ``base``.
+
+    ``samples[name]`` is that condition's list of per-round measurements (dicts holding ``metrics``), in round
+    order, as `interleaved` returns them.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, rows in samples.items():
+        entry: dict[str, Any] = {}
+        for metric in metrics:
+            values = [row[metric] for row in rows]
+            entry[metric] = spread(values)
+            if name != base:
+                entry[metric]["vs_" + base] = ratio_spread(values, [row[metric] for row in samples[base]])
+        out[name] = entry
+    return out
+
+
+def unreliable_ratios(comparison: dict[str, dict[str, Any]]) -> list[str]:
+    """``condition.metric`` for every ratio in a `compare` result that is marked unreliable."""
+    return [
+        f"{name}.{metric}"
+        for name, entry in comparison.items()
+        for metric, stats in entry.items()
+        for key, ratio in stats.items()
+        if key.startswith("vs_") and ratio["unreliable"]
+    ]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

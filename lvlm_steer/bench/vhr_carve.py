@@ -1,8 +1,9 @@
 """`lvlm-steer bench vhr-carve`: seconds per sample of baseline greedy, VHR and CARVE on the benchmark model.
 
 One sample is one image and one question, answered with `new_tokens` greedy tokens (forced, so every condition
-decodes the same number of steps). Conditions are interleaved within each run (their order rotates between
-runs) so that load drifts on a shared host hit them alike; run 0 is a warm-up; medians are reported.
+decodes the same number of steps). Conditions are interleaved in rotating rounds after a warm-up of each
+(`lvlm_steer.bench.timing`), so that load drifts on a shared host hit them alike: medians, each condition's
+min/median/max and each per-round ratio's range under ``spread``, unreliable ratios listed.
 
 Every run uses a fresh image, so ``carve`` pays for both capture passes (question and general prompt). A second
 question about the same image (``carve_second_question``, as in POPE, several questions per image) reuses the
@@ -15,6 +16,7 @@ image and the question, since it builds its own prompts.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -37,7 +39,7 @@ def run_vhr_carve_bench(
     """Time baseline / VHR / CARVE per sample; JSON-able result with medians, ratios and the targets."""
     import lvlm_steer as ls
     from lvlm_steer.bench.model import benchmark_image, benchmark_model
-    from lvlm_steer.bench.timing import median
+    from lvlm_steer.bench.timing import compare, interleaved, median, unreliable_ratios
     from lvlm_steer.errors import MethodSpecError
 
     model, processor, description = benchmark_model(variant)
@@ -65,26 +67,32 @@ def run_vhr_carve_bench(
     if vhr is None:
         del conditions["vhr"]
     names = list(conditions)
-    times: dict[str, list[float]] = {name: [] for name in [*names, "carve_second_question"]}
-    parts: dict[str, list[float]] = {}  # CARVE's refine (capture passes + mask) and answer (final pass) seconds
-    for run in range(runs + 1):
-        image = benchmark_image(seed=run)
-        order = names[run % len(names) :] + names[: run % len(names)]
-        for name in order:
-            seconds = _timed(lambda: conditions[name](image))  # noqa: B023  (called at once)
-            if run:
-                times[name].append(seconds)
-                if name == "carve":
-                    _add_parts(parts, "carve", carve.last_seconds)
-            progress(f"run {run}{' (warm-up)' if not run else ''}: {name} {seconds:.2f} s")
-        seconds = _timed(lambda: with_carve(image, SECOND_QUESTION))  # noqa: B023
-        if run:
-            times["carve_second_question"].append(seconds)
-            _add_parts(parts, "carve_second_question", carve.last_seconds)
-        progress(f"run {run}: carve_second_question {seconds:.2f} s")
+    seeds = itertools.count()
+
+    def run(name: str) -> dict[str, float]:
+        image = benchmark_image(seed=next(seeds))  # a fresh image every time: CARVE pays both capture passes
+        out = {"seconds": _timed(lambda: conditions[name](image))}
+        if name == "carve":
+            out |= {f"carve.{part}": v for part, v in carve.last_seconds.items()}
+            out["second_question"] = _timed(lambda: with_carve(image, SECOND_QUESTION))
+            out |= {f"carve_second_question.{part}": v for part, v in carve.last_seconds.items()}
+        return out
+
+    def report(name: str, round_index: int, r: dict[str, float]) -> None:
+        extra = f", second question {r['second_question']:.2f} s" if "second_question" in r else ""
+        progress(f"round {round_index}/{runs}: {name} {r['seconds']:.2f} s{extra}")
+
+    progress(f"warm-up: {', '.join(names)}")
+    raw = interleaved(names, runs, run, progress=report)
+    samples = {name: [{"seconds": r["seconds"]} for r in rs] for name, rs in raw.items()}
+    samples["carve_second_question"] = [{"seconds": r["second_question"]} for r in raw["carve"]]
+    comparison = compare(samples, "baseline", ["seconds"])
+    times = {name: [r["seconds"] for r in rs] for name, rs in samples.items()}
     medians = {name: median(values) for name, values in times.items()}
-    base = medians["baseline"]
-    ratios = {name: value / base for name, value in medians.items()}
+    ratios = {
+        name: 1.0 if name == "baseline" else c["seconds"]["vs_baseline"]["ratio"] for name, c in comparison.items()
+    }
+    parts = {key: [r[key] for r in raw["carve"]] for key in raw["carve"][0] if key.startswith("carve")}
     return {
         "benchmark": "vhr-carve",
         "model": description,
@@ -98,15 +106,12 @@ def run_vhr_carve_bench(
         "runs_s": times,
         "carve_parts_s": {name: median(values) for name, values in parts.items()},
         "vs_baseline": ratios,
+        "spread": comparison,
+        "unreliable": unreliable_ratios(comparison),
         "targets": {f"{name}_vs_baseline": f"<= {limit}" for name, limit in TARGETS.items()},
         "meets_targets": {name: ratios[name] <= limit for name, limit in TARGETS.items() if name in ratios},
         "notes": notes,
     }
-
-
-def _add_parts(parts: dict[str, list[float]], condition: str, seconds: dict[str, float]) -> None:
-    for part, value in seconds.items():
-        parts.setdefault(f"{condition}.{part}", []).append(value)
 
 
 def _timed(fn) -> float:

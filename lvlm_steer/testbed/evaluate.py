@@ -132,10 +132,12 @@ def attention_numbers(data: dict[str, Path], n: int = 64, weights: Path | None =
     """Per layer: mean attention mass of text queries (after the image) on BOS and on image tokens; massive dims."""
     from transformers import LlavaForConditionalGeneration
 
+    from lvlm_steer.compat import load_kwargs
+
     from . import WEIGHTS_DIR
 
     path = weights if weights is not None else WEIGHTS_DIR
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **load_kwargs()).eval()
     _, processor = load_testbed(path)
     files = json.loads(Path(data["instances"]).read_text())["images"][:n]
     images = [[Image.open(data["images_dir"] / f["file_name"]).convert("RGB")] for f in files]
