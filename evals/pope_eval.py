@@ -82,7 +82,7 @@ def evaluate_pope(
         },
     )
     runner = Runner(model, processor, out_dir, batch_size, max_new_tokens, progress, shard)
-    runner.run(items, conditions, lambda item, answer: {"prediction": parse_answer(answer, parser)})
+    runner.run(items, conditions, lambda it, answer: {"prediction": parse_answer(answer, parser, it.fields["label"])})
     mark_done(out_dir, shard)
     if shard.rank != 0:
         return None
@@ -108,8 +108,9 @@ def pope_summary(records, parser, labels, model_name, data, skipped, batch_size,
     """Metrics per method (re-parsed with ``parser``, so a summary can switch parsers without regenerating)."""
     metrics = {}
     for label in labels:
-        rows = [dict(r, prediction=parse_answer(r["answer"], parser)) for r in records if r["method"] == label]
-        metrics[label] = pope_report(rows)
+        mine = [r for r in records if r["method"] == label]
+        rows = [dict(r, prediction=parse_answer(r["answer"], parser, r["label"])) for r in mine]
+        metrics[label] = pope_report(rows, parser)
     return {
         "task": "pope",
         "model": model_name,

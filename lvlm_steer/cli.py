@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="POPE question file (JSON lines or JSON array); repeat for several splits",
     )
-    pope.add_argument("--parser", default="pope", help="answer parser: pope (official), vcd, lmms, vlmeval")
+    pope.add_argument("--parser", default="pope", help="answer parser: pope (official), vcd, lmms, vlmeval, words")
     pope.add_argument("--prompt-suffix", default=None, help="text after each question (default: the common one)")
     pope.add_argument("--limit", type=int, default=None, help="first N questions of each file (quick runs)")
     chair = ev_sub.add_parser("chair", help="CHAIR object hallucination in image captions")
