@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     chair.add_argument("--n-images", type=int, default=500)
     chair.add_argument("--seed", type=int, default=0)
     chair.add_argument("--prompt", default=None, help="caption prompt (default: the CHAIR protocol's)")
+    chair.add_argument(
+        "--chair-rules",
+        choices=("official", "fixed"),
+        default="official",
+        help="mention rules: official (as published) or fixed (ours)",
+    )
 
     cal = sub.add_parser("calibrate", help="choose a method's heads on labelled data")
     cal_sub = cal.add_subparsers(dest="calibrate", required=True)
@@ -204,6 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         n_images=args.n_images,
         seed=args.seed,
         prompt=args.prompt or DEFAULT_CHAIR_PROMPT,
+        chair_rules=args.chair_rules,
         **common,
     )
 

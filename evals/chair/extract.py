@@ -227,8 +227,14 @@ def _lookup(singular: str, raw: str) -> tuple[str, str] | None:
     return None
 
 
-CHAIR_RULES = ("official", "fixed")
 DEFAULT_CHAIR_RULES = "official"
+# each rule set, as summaries and reports describe it
+CHAIR_RULES: dict[str, str] = {
+    "official": "official CHAIR code (nltk tokens, pattern singularize: bus/ties never count, hyphenated words whole, "
+    "baby/adult only with its listed animals)",
+    "fixed": "lvlm-steer's corrected reading (bus, ties, split hyphens, baby/adult with any animal, motor bike, "
+    "cheesecake, iPhone, hair dryer, stove top oven)",
+}
 
 
 def check_rules(rules: str) -> str:
