@@ -124,6 +124,16 @@ def test_singularize_leaves_alone_what_can_never_be_a_form():
                                                    "...", "ok", "!", "?"]),
         ("a cat\u2014dog, a dog,5", ["a", "cat", "\u2014", "dog", ",", "a", "dog,5"]),
         ("a dog.) a cat.\nthe end", ["a", "dog", ".", ")", "a", "cat", ".", "the", "end"]),
+        # several possible ends with no space between: only the last ends the sentence, the period stays on "man"
+        ("a man.! the dog", ["a", "man.", "!", "the", "dog"]),
+        # closing marks up to the next space move to the sentence's end; "“" is none the word rules allow after it
+        ("a cat.\"\u201c the dog", ["a", "cat.", "''", "\u201c", "the", "dog"]),
+        ("a tie.\u2019 the dog", ["a", "tie", ".", "\u2019", "the", "dog"]),
+        # ":" may follow a sentence's period, "%" may not
+        ("a dog.:x", ["a", "dog", ".", ":", "x"]),
+        ("a dog.%x", ["a", "dog.", "%", "x"]),
+        # the bare-quote rule sees no space before "(" yet (brackets are spaced later), so "dog's" stays whole
+        ("a dog's'( bus", ["a", "dog's", "'", "(", "bus"]),
     ],
 )  # fmt: skip
 def test_official_tokens(text, tokens):
