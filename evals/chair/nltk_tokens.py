@@ -3,16 +3,18 @@ rules), re-implemented for ``--chair-rules official`` without nltk or its downlo
 
 Only what can change a CHAIR mention is reproduced. A token can be an object form only if it is all letters, so what
 matters is which letter runs end up as tokens of their own and which tokens are neighbours (a two-word phrase needs
-two neighbouring tokens). As in nltk (3.9/3.10), these are split off as tokens of their own:
+two neighbouring tokens). As in nltk 3.10 (the version it was checked against), these become tokens of their own:
 
 * ``"``, ``''``, curly quotes, backquotes, ``; @ # $ % &``, ``? !``, ``*``, brackets ``( ) [ ] { } < >``, the dashes
   U+2012-U+2015, ``--`` and runs of two or more periods ("cat...dog" is three tokens);
 * ``,`` and ``:`` unless a digit follows ("1,000" and "3:30" stay whole; so does "dog,5");
 * the period that ends a sentence. Punkt may end one at ".", "?" or "!" before whitespace or one of
-  ``) " ; } ] * : @ ' ( { [ ! ?``, but of several such marks with no whitespace between them only the last ends
-  the sentence ("dog.! the" keeps "dog." whole). A period before a letter, digit, ``,``, ``%``, ``-`` or ``/``
-  stays on its word ("sofa.the" is one token). No CHAIR form is one of Punkt's English abbreviations, so its
-  abbreviation list never decides a mention and is not needed;
+  ``) " ; } ] * : @ ' ( { [ ! ?``, curly quotes and guillemets; of several such marks with no whitespace between
+  them only the last ends the sentence ("dog.! the" keeps "dog." whole), and closing marks that follow, up to a
+  space, join that sentence, so its period is split off only if the word rules allow each of them after it
+  ('dog."“ x' keeps "dog."). A period before a letter, digit, ``,``, ``%``, ``-`` or ``/`` stays on its word
+  ("sofa.the" is one token). No CHAIR form is one of Punkt's English abbreviations, so its abbreviation list never
+  decides a mention and is not needed;
 * apostrophes: an opening quote before a word ("'dog'" -> ``'``, ``dog``, ``'``), and the endings ``'s 'm 'd 'll
   're 've n't`` and a bare ``'`` at the end of a word ("dog's" -> ``dog``, ``'s``; "dogs'" -> ``dogs``, ``'``).
 
