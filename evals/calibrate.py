@@ -19,7 +19,8 @@ from lvlm_steer.evals.runner import Runner, Shard, answer_items
 
 
 def _accuracy(items, answers: list[str], parser: str) -> float:
-    return sum(parse_answer(a, parser) == i.fields["label"] for i, a in zip(items, answers, strict=True)) / len(items)
+    labels = [i.fields["label"] for i in items]
+    return sum(parse_answer(a, parser, y) == y for y, a in zip(labels, answers, strict=True)) / len(items)
 
 
 def calibrate_act(

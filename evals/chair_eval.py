@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lvlm_steer.evals.chair import DEFAULT_CHAIR_PROMPT, chair_scores, image_files, load_ground_truth
+from lvlm_steer.evals.chair import (
+    CHAIR_RULES,
+    DEFAULT_CHAIR_PROMPT,
+    DEFAULT_CHAIR_RULES,
+    chair_scores,
+    image_files,
+    load_ground_truth,
+)
 from lvlm_steer.evals.images import SKIP_HINT, image_problem
 from lvlm_steer.evals.pope import file_sha256
 from lvlm_steer.evals.run_state import write_summary
@@ -72,7 +79,12 @@ def evaluate_chair(
     max_new_tokens: int = 512,
     skip_missing: bool = False,
     progress: bool = True,
+    chair_rules: str = DEFAULT_CHAIR_RULES,
 ) -> dict[str, Any] | None:
+    """Run (or resume) a CHAIR eval into ``out_dir``; ``chair_rules`` (official / fixed) only changes the scoring,
+    so a finished run can be re-scored with the other rules without regenerating."""
+    if chair_rules not in CHAIR_RULES:
+        raise ValueError(f"unknown --chair-rules {chair_rules!r}; choose one of {', '.join(CHAIR_RULES)}")
     started = time.time()
     out_dir = Path(out_dir)
     instances, captions = find_annotations(coco_annotations)
@@ -88,11 +100,11 @@ def evaluate_chair(
     }
 
     def summarize(records: list[dict[str, Any]], unreadable_in_run: list[str]) -> dict[str, Any]:
-        truth = load_ground_truth(instances, captions)
+        truth = load_ground_truth(instances, captions, chair_rules)
         metrics = {}
         for c in conditions:
             caps = {int(r["image_id"]): r["answer"] for r in records if r["method"] == c.label}
-            metrics[c.label] = chair_scores(caps, truth)
+            metrics[c.label] = chair_scores(caps, truth, chair_rules)
             metrics[c.label]["empty_answers"] = sum(not caption.strip() for caption in caps.values())
         summary = {
             "task": "chair",
@@ -108,6 +120,8 @@ def evaluate_chair(
                 "max_new_tokens": max_new_tokens,
                 "decoding": "greedy",
                 "ground_truth": "instances + reference captions" if captions else "instances only",
+                "chair_rules": chair_rules,
+                "chair_rules_detail": CHAIR_RULES[chair_rules],
             },
             "counts": {
                 "records": len(records),

@@ -124,7 +124,7 @@ def evaluate_pope(
         identity,
         items,
         conditions,
-        lambda item, answer: {"prediction": parse_answer(answer, parser)},
+        lambda item, answer: {"prediction": parse_answer(answer, parser, item.fields["label"])},
         summarize,
         batch_size,
         max_new_tokens,
@@ -141,8 +141,9 @@ def pope_summary(records, parser, labels, model_name, data, skipped, batch_size,
     """
     metrics = {}
     for label in labels:
-        rows = [dict(r, prediction=parse_answer(r["answer"], parser)) for r in records if r["method"] == label]
-        metrics[label] = pope_report(rows)
+        mine = [r for r in records if r["method"] == label]
+        rows = [dict(r, prediction=parse_answer(r["answer"], parser, r["label"])) for r in mine]
+        metrics[label] = pope_report(rows, parser)
         for split, values in metrics[label].items():
             values["empty_answers"] = sum(
                 not r["answer"].strip() for r in rows if split == "overall" or str(r["split"]) == split

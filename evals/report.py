@@ -53,6 +53,8 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                         "accuracy_ci95": wilson_interval(values["accuracy"], values["n"]),
                     }
                 )
+                if "yes_ratio_labels" in values:  # lmms-eval's yes ratio (of labels), kept beside ours
+                    rows[-1]["yes_ratio_labels"] = values["yes_ratio_labels"]
         else:
             rows.append(
                 {
@@ -72,6 +74,15 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def scoring(summary: dict[str, Any]) -> str:
+    """How a run's answers were scored: the POPE parser, or the CHAIR mention rules (runs from before the
+    ``--chair-rules`` option were scored with what is now ``fixed``)."""
+    config = summary.get("config") or {}
+    if summary["task"] == "pope":
+        return f"parser {config.get('parser', 'pope')}"
+    return f"CHAIR rules {config.get('chair_rules', 'fixed')}"
+
+
 def build_report(runs: list[str | Path]) -> dict[str, Any]:
     report = {"runs": []}
     for run in runs:
@@ -82,6 +93,7 @@ def build_report(runs: list[str | Path]) -> dict[str, Any]:
                 "task": summary["task"],
                 "model": summary["model"],
                 "data": summary.get("data"),
+                "scoring": scoring(summary),
                 "rows": table_rows(summary),
             }
         )
@@ -93,6 +105,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         columns = POPE_COLUMNS if run["task"] == "pope" else CHAIR_COLUMNS
         out += [f"## {run['task'].upper()}: {run['run']}", f"model: `{run['model']}`", ""]
+        if run.get("scoring"):
+            out[-1:] = [f"scoring: {run['scoring']}", ""]
         header = ["split", "method", *columns, "n"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in run["rows"]:

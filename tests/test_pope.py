@@ -36,37 +36,83 @@ TEMPLATE = re.compile(r"^Is there (a|an) ([a-z ]+) in the image\?$")
 
 # ---------------------------------------------------------------- parsers
 
-# answer -> expected result for each parser: (pope, vcd, lmms, vlmeval)
-ANSWERS = {
-    "Yes": ("yes", "yes", "yes", "yes"),
-    "yes.": ("yes", "yes", "yes", "yes"),
-    " No ": ("no", "no", "no", "no"),
-    "No, there is not.": ("no", "no", "unknown", "no"),
-    "Yes. No doubt.": ("yes", "no", "unknown", "unknown"),
-    "There is no dog": ("no", "no", "unknown", "no"),
-    "I cannot tell": ("yes", "yes", "unknown", "unknown"),
-    "Yes, there is a dog in the image.": ("yes", "yes", "unknown", "yes"),
-    "NO": ("yes", "no", "no", "no"),  # the official rule is case-sensitive
-    "The dog is not visible.": ("no", "no", "unknown", "unknown"),
-    "Nothing like that.": ("yes", "yes", "unknown", "unknown"),
-    "": ("yes", "yes", "unknown", "unknown"),
+# (answer, label, peer decision) rows hand-derived from each peer's evaluation code; see the file's "about"
+PEER_TABLE = json.loads((Path(__file__).parent / "data" / "pope_peer_decisions.json").read_text(encoding="utf-8"))
+PEER_PARSERS = ("pope", "lmms", "vlmeval", "vcd")
+
+
+def _peer_rows(parser: str) -> list[tuple[str, str, str]]:
+    """(answer, label, the peer's decision) for every answer under both labels."""
+    rows = []
+    for row in PEER_TABLE["rows"]:
+        for label in ("yes", "no"):
+            decision = row[parser][label] if isinstance(row[parser], dict) else row[parser]
+            rows.append((row["answer"], label, decision))
+    return rows
+
+
+@pytest.mark.parametrize("parser", PEER_PARSERS)
+def test_parser_named_after_a_peer_gives_the_peers_decisions(parser):
+    rows = _peer_rows(parser)
+    assert len(rows) >= 60
+    differ = [(a, y, want, parse_answer(a, parser, y)) for a, y, want in rows if parse_answer(a, parser, y) != want]
+    print(f"{parser}: {len(rows) - len(differ)}/{len(rows)} rows equal to the peer's decision")
+    assert not differ
+
+
+def test_peer_table_covers_the_tricky_answers():
+    answers = {row["answer"] for row in PEER_TABLE["rows"]}
+    tricky = {"Yes.", "**Yes**", "'Yes'", "yes:", "No-one knows.", "Yes,there is a dog", "I don't know", ""}
+    assert tricky | {"Yes, but it is not clear.", "There's no snow"} <= answers
+
+
+def test_peers_disagree_where_their_rules_do():
+    # one answer each, so a parser that drifted back to a shared rule fails here by name
+    assert parse_answer("Yes.", "lmms") == "unknown" and parse_answer("Yes.", "vlmeval") == "yes"
+    assert parse_answer("**Yes**", "vlmeval") == "unknown" and parse_answer("**Yes**", "pope") == "yes"
+    assert parse_answer("No-one knows.", "vlmeval") == "no" and parse_answer("No-one knows.", "pope") == "yes"
+    assert parse_answer("I don't know", "vcd", "no") == "no" and parse_answer("I don't know", "vcd", "yes") == "no"
+    assert parse_answer("There is a snowman.", "vcd", "no") == "no"
+    assert parse_answer("There is a snowman.", "words") == "yes"
+
+
+def test_vlmeval_removes_at_most_32_periods():
+    # VLMEvalKit hands re.UNICODE (32) to Pattern.sub as its count, so a 33rd period survives
+    assert parse_answer("." * 32 + "yes", "vlmeval") == "yes"
+    assert parse_answer("." * 33 + "yes", "vlmeval") == "unknown"  # ".yes" is not "yes"
+
+
+# our label-free repair of VCD's rule, under its own name: answer -> decision
+WORDS = {
+    "Yes": "yes",
+    "NO": "no",
+    "Yes. No doubt.": "no",
+    "I cannot tell": "yes",
+    "I don't know": "yes",
+    "There is a snowman.": "yes",
+    "The dog is not visible.": "no",
+    "Nothing like that.": "yes",
+    "isn't": "yes",
+    "": "yes",
 }
 
 
-@pytest.mark.parametrize("answer", list(ANSWERS))
-def test_parsers_on_hand_written_answers(answer):
-    got = tuple(parse_answer(answer, name) for name in ("pope", "vcd", "lmms", "vlmeval"))
-    assert got == ANSWERS[answer]
+@pytest.mark.parametrize("answer", list(WORDS))
+def test_words_parser(answer):
+    assert parse_answer(answer, "words") == WORDS[answer]
 
 
 def test_parse_answer_defaults_to_official_and_names_valid_parsers():
-    assert set(PARSERS) == {"pope", "vcd", "lmms", "vlmeval"}
+    assert set(PARSERS) == {"pope", "vcd", "lmms", "vlmeval", "words"}
     assert parse_answer("No, there is not.") == "no"
     with pytest.raises(ValueError, match="pope") as err:
         parse_answer("yes", "popee")
     assert all(name in str(err.value) for name in PARSERS)
     with pytest.raises(TypeError, match="str"):
         parse_answer(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="label='yes' or 'no'"):
+        parse_answer("yes", "vcd")
+    assert parse_answer("No", "pope", "yes") == "no"  # label-free parsers ignore a label
 
 
 # ---------------------------------------------------------------- metrics
@@ -84,6 +130,50 @@ def test_metrics_against_hand_computed_confusion_matrix():
     assert m["f1"] == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
     assert m["yes_ratio"] == pytest.approx(5 / 10)
     assert m["unknown_rate"] == pytest.approx(2 / 10)
+
+
+def test_lmms_convention_leaves_unknowns_out_of_recall_and_reports_label_yes_ratio():
+    labels = ["yes"] * 6 + ["no"] * 4
+    preds = ["yes", "yes", "yes", "no", "unknown", "yes", "no", "no", "yes", "unknown"]
+    lmms = PARSERS["lmms"].convention
+    m = pope_metrics(labels, preds, lmms)
+    # lmms-eval: fn counts only "no" answers to yes questions, so the unknown on a yes question is in no count
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["unknown"]) == (4, 1, 2, 1, 2)
+    assert m["recall"] == pytest.approx(4 / 5)
+    assert m["precision"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(4 / 5)
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["yes_ratio"] == pytest.approx(5 / 10)  # ours: predicted yes / n
+    assert m["yes_ratio_labels"] == pytest.approx(6 / 10)  # lmms-eval's: yes labels / n
+    # an lmms run where the model never says a bare word: lmms-eval reports recall 0 (0/0), we do too
+    none_read = pope_metrics(["yes", "no"], ["unknown", "unknown"], lmms)
+    assert (none_read["recall"], none_read["accuracy"], none_read["yes_ratio_labels"]) == (0.0, 0.0, 0.5)
+
+
+def test_default_parser_and_metrics_keep_the_official_convention():
+    labels = ["yes"] * 6 + ["no"] * 4
+    preds = ["yes", "yes", "yes", "no", "unknown", "yes", "no", "no", "yes", "unknown"]
+    for parser in ("pope", "vcd", "vlmeval", "words"):
+        assert PARSERS[parser].convention == PARSERS["pope"].convention
+    assert pope_metrics(labels, preds) == pope_metrics(labels, preds, PARSERS["pope"].convention)
+    assert "yes_ratio_labels" not in pope_metrics(labels, preds)
+    records = [{"split": "random", "label": y, "prediction": p} for y, p in zip(labels, preds, strict=True)]
+    assert pope_report(records) == pope_report(records, "pope")
+    assert pope_report(records, "lmms")["overall"]["recall"] == pytest.approx(4 / 5)
+    assert pope_report(records)["overall"]["recall"] == pytest.approx(4 / 6)
+
+
+def test_summary_rescores_with_the_label_and_the_parsers_convention():
+    from lvlm_steer.evals.pope_eval import pope_summary
+
+    records = [
+        {"method": "none", "split": "random", "label": "no", "answer": "I don't know"},
+        {"method": "none", "split": "random", "label": "yes", "answer": "Yes."},
+    ]
+    vcd = pope_summary(records, "vcd", ["none"], "m", [], [], 1, "", 16)["metrics"]["none"]["overall"]
+    assert vcd["accuracy"] == 1.0  # VCD reads "know" as no on the no question, "yes" on the yes one
+    lmms = pope_summary(records, "lmms", ["none"], "m", [], [], 1, "", 16)["metrics"]["none"]["overall"]
+    assert (lmms["accuracy"], lmms["recall"], lmms["unknown"], lmms["yes_ratio_labels"]) == (0.0, 0.0, 2, 0.5)
 
 
 def test_metrics_zero_division_and_bad_input():
@@ -285,5 +375,6 @@ def test_official_parser_on_expected_answers(official):
         obj = _object(q)
         answer = f"Yes, there is a {obj} in the image." if q.label == "yes" else f"No, there is no {obj} in the image."
         assert parse_answer(answer) == q.label
-        assert parse_answer(q.label.capitalize() + ".", "lmms") == q.label
+        assert parse_answer(q.label.capitalize(), "lmms") == q.label
+        assert parse_answer(q.label.capitalize() + ".", "lmms") == "unknown"
         assert parse_answer(f"{q.label.capitalize()}. {DEFAULT_PROMPT_SUFFIX}", "vlmeval") == q.label

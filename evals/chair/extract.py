@@ -1,4 +1,7 @@
-"""Find the COCO objects a caption mentions: tokenize, singularize, merge phrases, look words up in the table.
+"""Find the COCO objects a caption mentions, by the official CHAIR rules (the default) or by our fixed ones.
+
+``extract_objects(caption, rules)`` dispatches: ``"official"`` reproduces the official code (see `official.py`),
+``"fixed"`` is our corrected reading, described here: tokenize, singularize, merge phrases, look words up.
 
 Everything is offline and rule-based (no nltk data, no pattern), so CHAIR scores do not depend on what a machine
 happens to have downloaded. The steps, in order:
@@ -20,8 +23,9 @@ Repeated mentions of one category stay separate mentions: CHAIR_i counts mention
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from .mention import Mention
+from .official import official_mentions
 from .vocab import LIVING_CATEGORIES, NON_OBJECT_PHRASES, SURFACE_FORMS
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,15 +208,6 @@ _PHRASES.update({_phrase_key(p): (p, None) for p in NON_OBJECT_PHRASES})
 _MAX_PHRASE = max(len(k) for k in _PHRASES)
 
 
-@dataclass(frozen=True)
-class Mention:
-    """One object mention: the table form that matched, its COCO category, and the index of its first token."""
-
-    word: str
-    category: str
-    index: int
-
-
 def tokenize(caption: str) -> list[str]:
     """Lowercase words of a caption (letters, digits, inner apostrophes), possessive endings dropped."""
     text = caption.lower().replace("\u2019", "'").replace("\u2018", "'")
@@ -232,8 +227,32 @@ def _lookup(singular: str, raw: str) -> tuple[str, str] | None:
     return None
 
 
-def extract_objects(caption: str) -> list[Mention]:
-    """The COCO object mentions of a caption, in caption order (see the module docstring for the rules)."""
+DEFAULT_CHAIR_RULES = "official"
+# each rule set, as summaries and reports describe it
+CHAIR_RULES: dict[str, str] = {
+    "official": "official CHAIR code (nltk tokens, pattern singularize: bus/ties never count, hyphenated words whole, "
+    "baby/adult only with its listed animals)",
+    "fixed": "lvlm-steer's corrected reading (bus, ties, split hyphens, baby/adult with any animal, motor bike, "
+    "cheesecake, iPhone, hair dryer, stove top oven)",
+}
+
+
+def check_rules(rules: str) -> str:
+    """``rules`` if it names a rule set, else a ValueError naming both."""
+    if rules not in CHAIR_RULES:
+        raise ValueError(f"unknown CHAIR rules {rules!r}; choose 'official' (as published) or 'fixed' (ours)")
+    return rules
+
+
+def extract_objects(caption: str, rules: str = DEFAULT_CHAIR_RULES) -> list[Mention]:
+    """The COCO object mentions of a caption, in caption order, by the ``official`` or the ``fixed`` rules."""
+    if check_rules(rules) == "official":
+        return official_mentions(caption)
+    return fixed_mentions(caption)
+
+
+def fixed_mentions(caption: str) -> list[Mention]:
+    """The COCO object mentions of a caption by our fixed rules (see the module docstring)."""
     raw = tokenize(caption)
     words = [singularize(w) for w in raw]
     mentions: list[Mention] = []

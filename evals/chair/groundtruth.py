@@ -1,7 +1,7 @@
 """CHAIR ground truth from COCO annotation files: which categories each image really holds.
 
 As in the original CHAIR, an image's truth is the union of its instance annotations' categories and the categories
-its five reference captions mention (read with the same `extract_objects`), so an object that annotators describe
+its five reference captions mention (read with the same `extract_objects` rules), so an object that annotators describe
 but did not box is not counted as a hallucination. Plain `json` is enough; pycocotools is not needed.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from lvlm_steer.errors import SteeringError
 
-from .extract import extract_objects
+from .extract import DEFAULT_CHAIR_RULES, check_rules, extract_objects
 from .vocab import COCO_CATEGORIES
 
 JsonSource = str | os.PathLike | Mapping[str, Any]
@@ -66,11 +66,15 @@ def _category_names(data: dict[str, Any], name: str) -> dict[int, str]:
     return names
 
 
-def load_ground_truth(instances_json: JsonSource, captions_json: JsonSource | None = None) -> dict[int, set[str]]:
-    """image_id -> COCO category names present: boxed instances, plus objects the reference captions mention.
+def load_ground_truth(
+    instances_json: JsonSource, captions_json: JsonSource | None = None, rules: str = DEFAULT_CHAIR_RULES
+) -> dict[int, set[str]]:
+    """image_id -> COCO category names present: boxed instances, plus objects the reference captions mention
+    (read with the same ``rules`` as the generated captions, as the official code does).
 
     Every image listed in the instances file gets an entry (an empty set when nothing is annotated).
     """
+    check_rules(rules)
     data, name = _load(instances_json, "instances")
     names = _category_names(data, name)
     truth: dict[int, set[str]] = {int(im["id"]): set() for im in _records(data, "images", ("id",), name, "instances")}
@@ -84,7 +88,7 @@ def load_ground_truth(instances_json: JsonSource, captions_json: JsonSource | No
     if captions_json is not None:
         captions, cap_name = _load(captions_json, "captions")
         for ann in _records(captions, "annotations", ("image_id", "caption"), cap_name, "captions"):
-            found = {m.category for m in extract_objects(str(ann["caption"]))}
+            found = {m.category for m in extract_objects(str(ann["caption"]), rules)}
             truth.setdefault(int(ann["image_id"]), set()).update(found)
     return truth
 

@@ -4,7 +4,8 @@
 * ``chair_s`` (per sentence): captions with at least one hallucinated mention / captions.
 * ``recall``: ground-truth categories the captions mention / ground-truth categories, summed over images, so a
   method cannot lower CHAIR just by saying less without it showing here.
-* ``mean_length``: words per caption, because longer captions hallucinate more and scores must be read with it.
+* ``mean_length``: words per caption (counted by our tokenizer whatever the rules), because longer captions
+  hallucinate more and scores must be read with it.
 
 Ratios with a zero denominator are 0.0, so an empty or object-free run still gives a well-formed report.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from lvlm_steer.errors import SteeringError
 
-from .extract import extract_objects, tokenize
+from .extract import DEFAULT_CHAIR_RULES, check_rules, extract_objects, tokenize
 
 
 class MissingGroundTruthError(SteeringError, KeyError):
@@ -30,8 +31,15 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
-def chair_scores(captions: Mapping[int, str], ground_truth: Mapping[int, set[str]]) -> dict[str, Any]:
-    """CHAIR_i, CHAIR_s, recall, mean length and counts, plus per-caption details (JSON-serializable)."""
+def chair_scores(
+    captions: Mapping[int, str], ground_truth: Mapping[int, set[str]], rules: str = DEFAULT_CHAIR_RULES
+) -> dict[str, Any]:
+    """CHAIR_i, CHAIR_s, recall, mean length and counts, plus per-caption details (JSON-serializable).
+
+    ``rules`` picks the mention extraction: ``"official"`` (as published) or ``"fixed"`` (ours); score the ground
+    truth's reference captions with the same rules.
+    """
+    check_rules(rules)
     n_mentions = n_hallucinated = n_bad_captions = n_words = covered = n_truth = 0
     per_caption = []
     for image_id, caption in captions.items():
@@ -43,7 +51,7 @@ def chair_scores(captions: Mapping[int, str], ground_truth: Mapping[int, set[str
         if not isinstance(caption, str):
             raise TypeError(f"caption of image_id {image_id!r} is a {type(caption).__name__}; pass the text")
         truth = set(ground_truth[image_id])
-        mentions = extract_objects(caption)
+        mentions = extract_objects(caption, rules)
         hallucinated = [m.word for m in mentions if m.category not in truth]
         mentioned = list(dict.fromkeys(m.category for m in mentions))
         n_mentions += len(mentions)

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="POPE question file (JSON lines or JSON array); repeat for several splits",
     )
-    pope.add_argument("--parser", default="pope", help="answer parser: pope (official), vcd, lmms, vlmeval")
+    pope.add_argument("--parser", default="pope", help="answer parser: pope (official), vcd, lmms, vlmeval, words")
     pope.add_argument("--prompt-suffix", default=None, help="text after each question (default: the common one)")
     pope.add_argument("--limit", type=positive_int, default=None, help="first N questions of each file (quick runs)")
     chair = ev_sub.add_parser("chair", help="CHAIR object hallucination in image captions")
@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     chair.add_argument("--n-images", type=positive_int, default=500)
     chair.add_argument("--seed", type=int, default=0)
     chair.add_argument("--prompt", default=None, help="caption prompt (default: the CHAIR protocol's)")
+    chair.add_argument(
+        "--chair-rules",
+        choices=("official", "fixed"),
+        default="official",
+        help="mention rules: official (as published) or fixed (ours)",
+    )
     ev.set_defaults(handler=print_eval)
 
 
@@ -119,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         n_images=args.n_images,
         seed=args.seed,
         prompt=args.prompt or DEFAULT_CHAIR_PROMPT,
+        chair_rules=args.chair_rules,
         **common,
     )
 
