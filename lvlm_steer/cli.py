@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="questions per POPE split and CHAIR images (quick)")
     demo.add_argument("--method", action="append", default=None, metavar="SPEC", help="only these conditions")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--model", default="builtin:testbed", help="builtin:testbed (default) or builtin:testbed-smollm2")
     sub.add_parser("models", help="list supported architectures")
 
     ev = sub.add_parser("eval", help="hallucination evals (POPE, CHAIR) with one or more methods")
@@ -375,7 +376,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="builtin:testbed",
-        help="path or Hub id, builtin:testbed (the shipped testbed, default), tiny:<arch> (random), or bench[:small]",
+        help="path or Hub id, builtin:testbed (the shipped testbed, default), builtin:testbed-smollm2, "
+        "tiny:<arch> (random), or bench[:small]",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -493,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from lvlm_steer.demo import run_demo
 
-            run_demo(args.out, args.limit, args.method, progress=not args.no_progress)
+            run_demo(args.out, args.limit, args.method, progress=not args.no_progress, model=args.model)
         elif args.command == "methods":
             print(cmd_methods())
         elif args.command == "models":

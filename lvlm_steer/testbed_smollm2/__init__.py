@@ -64,7 +64,9 @@ def load_testbed_smollm2(weights_dir: str | Path | None = None) -> tuple[Any, An
     result = model.load_state_dict(state, strict=False)
     expected = {k for k in model.state_dict() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
     if result.unexpected_keys or expected - set(state):
-        raise RuntimeError(f"{path / WEIGHTS_FILE} does not match the testbed: missing {sorted(expected - set(state))[:3]}")
+        raise RuntimeError(
+            f"{path / WEIGHTS_FILE} does not match the testbed: missing {sorted(expected - set(state))[:3]}"
+        )
     return model.eval(), build_processor(tokenizer, first_processor.image_processor)
 
 
