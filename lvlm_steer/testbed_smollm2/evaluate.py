@@ -117,7 +117,8 @@ def internals_table(inner: dict[str, Any]) -> str:
     for key in ("sinks_trained", "sinks_untrained"):
         s = inner[key]
         dims = ", ".join(f"{d} ({r:.0f}x)" for d, r in zip(s["dims"], s["ratios"], strict=True)) or "none"
-        lines.append(f"\n{key.replace('_', ' ')}: dims {dims}; sink tokens by kind (distinct prompt positions) {s['sink_tokens']}")
+        kinds = s["sink_tokens"]
+        lines.append(f"\n{key.replace('_', ' ')}: dims {dims}; sink tokens (distinct prompt positions) by kind {kinds}")
     return "\n".join(lines) + "\n"
 
 
