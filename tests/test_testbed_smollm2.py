@@ -93,7 +93,7 @@ def test_prompt_layout_and_offline_answer(testbed, scenes):
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
         assert tok.convert_ids_to_tokens(ids[:3]) == ["<|im_start|>", "user", "Ċ"]  # token 0 is <|im_start|>
         assert ids[3:67] == [model.config.image_token_id] * 64 and ids[67] != model.config.image_token_id
-        assert tok.decode(ids[-3:]) == "<|im_start|>assistant\n"
+        assert tok.decode(ids[-4:], skip_special_tokens=False) == "<|im_start|>assistant\n"
     assert inputs["attention_mask"][1, 0] == 0  # the shorter prompt is left-padded
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -114,7 +114,7 @@ def test_training_batch_labels_only_answers_and_loss_matches_full_logits(testbed
     for row, sample in enumerate(samples):
         labels = data["labels"][row][data["labels"][row] != -100].tolist()
         answers = [sample.answer, *(a for _, a in sample.follow_ups)]
-        assert tok.decode(labels) == "".join(a.strip() + "<|im_end|>" for a in answers)
+        assert tok.decode(labels, skip_special_tokens=False) == "".join(a.strip() + "<|im_end|>" for a in answers)
         prefix = tok(first_turn(processor, sample.prompt, True), add_special_tokens=False)["input_ids"]
         assert data["input_ids"][row, : len(prefix)].tolist() == prefix  # the runner's first-turn layout
     with torch.no_grad():
