@@ -1,4 +1,7 @@
-"""``lvlm-steer demo``: every method against ``none`` on the built-in testbed, offline, in minutes.
+"""``lvlm-steer demo``: every method against ``none`` on a built-in testbed, offline, in minutes.
+
+``--model builtin:testbed`` (default) is the 1.4M-parameter testbed; ``--model builtin:testbed-smollm2`` the one whose
+language model is the real SmolLM2-135M-Instruct (attention sinks and massive activations are real there).
 
 Held-out testbed scenes are generated deterministically into ``<out>/data`` (COCO-format annotations, so the
 project's own POPE builder and CHAIR scorer run on them unchanged); then POPE random / popular / adversarial and
@@ -27,8 +30,21 @@ DEFAULT_SPECS: dict[str, str] = {
     "var": "var:start_layer=1",
     "vtc_cls": "vtc_cls:keep=0.5,start_layer=1",
 }
+# The SmolLM2 testbed has 30 text layers, so the papers' layer defaults apply; its tower is the first testbed's
+# 3-layer CLIP, so VTC-CLS still starts at tower layer 1.
+SMOLLM2_SPECS: dict[str, str] = {
+    "ablate": "ablate:heads={heads}",
+    "scale": "scale:heads={heads},gain=2",
+    "vtc_cls": "vtc_cls:keep=0.5,start_layer=1",
+}
 POPE_IMAGES = 150  # -> 900 questions per split
 CHAIR_IMAGES = 400
+# Per built-in model: (method specs, POPE images, CHAIR images) at the demo's default size. The SmolLM2 testbed
+# costs ~100x more per token, so its default run is smaller (wider intervals).
+MODELS: dict[str, tuple[dict[str, str], int, int]] = {
+    "builtin:testbed": (DEFAULT_SPECS, POPE_IMAGES, CHAIR_IMAGES),
+    "builtin:testbed-smollm2": (SMOLLM2_SPECS, 50, 100),
+}
 
 
 def scan_top_heads(model, processor, images: list[Any], k: int = 2) -> str:
@@ -37,7 +53,10 @@ def scan_top_heads(model, processor, images: list[Any], k: int = 2) -> str:
     return ",".join(f"{layer}.{head}" for layer, head, _ in scores.top(k, by="vhd"))
 
 
-def method_specs(model, processor, image, heads: Callable[[], str], say: Callable[[str], None]) -> list[str]:
+def method_specs(
+    model, processor, image, heads: Callable[[], str], say: Callable[[str], None],
+    defaults: dict[str, str] | None = None,
+) -> list[str]:  # fmt: skip
     """One working spec per registered method; a method that does not run on the testbed is skipped with a reason."""
     import torch
 
@@ -48,7 +67,7 @@ def method_specs(model, processor, image, heads: Callable[[], str], say: Callabl
     raw = {"images": [image], "questions": [question]}  # for methods that rebuild their own prompts (CARVE)
     specs = []
     for name in ls.method_names():
-        spec = DEFAULT_SPECS.get(name, name)
+        spec = (DEFAULT_SPECS if defaults is None else defaults).get(name, name)
         try:
             if "{heads}" in spec:
                 spec = spec.format(heads=heads())
@@ -84,26 +103,33 @@ def prepare_data(root: Path, pope_images: int, chair_images: int, seed: int = 7)
 
 def run_demo(
     out: str | Path = "lvlm-steer-demo", limit: int | None = None, methods: list[str] | None = None,
-    batch_size: int = 32, progress: bool = True, say: Callable[[str], None] = print,
+    batch_size: int = 32, progress: bool = True, say: Callable[[str], None] = print, model: str = "builtin:testbed",
 ) -> dict[str, Path]:  # fmt: skip
-    """Evaluate ``none`` + every method (or ``methods``) on the testbed; write and return the report paths."""
+    """Evaluate ``none`` + every method (or ``methods``) on a built-in testbed (``model``); write and return the
+    report paths."""
     from PIL import Image
 
+    from lvlm_steer.errors import SteeringError
     from lvlm_steer.evals.chair_eval import evaluate_chair
     from lvlm_steer.evals.pope_eval import evaluate_pope
     from lvlm_steer.evals.report import write_report
     from lvlm_steer.evals.runner import parse_conditions
-    from lvlm_steer.testbed import SPEC, load_testbed
+    from lvlm_steer.loading import load_model
 
     started = time.time()
+    if model not in MODELS:
+        raise SteeringError(f"the demo runs on a built-in testbed; choose --model {' or '.join(MODELS)}")
+    defaults, default_pope, default_chair = MODELS[model]
     if methods is not None:
         parse_conditions(["none", *methods])  # a typo fails before any work
     out = Path(out)
-    pope_images = POPE_IMAGES if limit is None else max(1, -(-limit // 6))
-    chair_images = CHAIR_IMAGES if limit is None else limit
+    pope_images = default_pope if limit is None else max(1, -(-limit // 6))
+    chair_images = default_chair if limit is None else limit
     say(f"[demo] preparing held-out testbed data in {out / 'data'}")
     data = prepare_data(out / "data", pope_images, chair_images)
-    model, processor = load_testbed()
+    spec = model
+    say(f"[demo] loading {spec}")
+    model, processor = load_model(spec)
     sample_files = sorted(data["images"].iterdir())[:8]
     samples = [Image.open(p).convert("RGB") for p in sample_files]
     cache: dict[str, str] = {}
@@ -114,19 +140,19 @@ def run_demo(
             say(f"[demo] top VHD heads from a {len(samples)}-image scan: {cache['heads']}")
         return cache["heads"]
 
-    specs = methods if methods is not None else method_specs(model, processor, samples[0], heads, say)
+    specs = methods if methods is not None else method_specs(model, processor, samples[0], heads, say, defaults)
     conditions = parse_conditions(["none", *specs])
     say(f"[demo] conditions: {', '.join(c.label for c in conditions)}")
-    tag = "full" if limit is None else f"limit{limit}"
+    tag = ("full" if limit is None else f"limit{limit}") + spec.removeprefix("builtin:testbed")
     pope_dir, chair_dir = out / "runs" / f"pope-{tag}", out / "runs" / f"chair-{tag}"
     say(f"[demo] POPE: {len(data['questions'])} splits x {limit or 6 * pope_images} questions per condition")
     evaluate_pope(
-        model, processor, SPEC, data["questions"], data["images"], conditions, pope_dir,
+        model, processor, spec, data["questions"], data["images"], conditions, pope_dir,
         batch_size=batch_size, limit=limit, max_new_tokens=8, progress=progress,
     )  # fmt: skip
     say(f"[demo] CHAIR: {chair_images} captions per condition")
     evaluate_chair(
-        model, processor, SPEC, data["annotations"], data["images"], conditions, chair_dir,
+        model, processor, spec, data["annotations"], data["images"], conditions, chair_dir,
         n_images=chair_images, batch_size=batch_size, max_new_tokens=40, progress=progress,
     )  # fmt: skip
     paths = write_report([pope_dir, chair_dir], out)

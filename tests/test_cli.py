@@ -73,7 +73,7 @@ def test_generate_with_and_without_method():
         (["--method", "ablate:heads=9.0"], "layer 9 is out of range"),
         (["--method", "frobnicate"], "unknown method 'frobnicate'"),
         (["--model", "tiny:llama"], "unknown tiny architecture 'llama'"),
-        (["--model", "builtin:testbd"], "the built-in model is builtin:testbed"),
+        (["--model", "builtin:testbd"], "the built-in models are builtin:testbed, builtin:testbed-smollm2"),
         (["--image", "/nonexistent.png"], "image file '/nonexistent.png' not found"),
     ],
 )

@@ -37,7 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="builtin:testbed",
-        help="path or Hub id, builtin:testbed (the shipped testbed, default), tiny:<arch> (random), or bench[:small]",
+        help="path or Hub id, builtin:testbed (the shipped testbed, default), builtin:testbed-smollm2, "
+        "tiny:<arch> (random), or bench[:small]",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")

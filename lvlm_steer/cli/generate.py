@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--limit", type=positive_int, default=None, help="questions per POPE split and CHAIR images")
     demo.add_argument("--method", action="append", default=None, metavar="SPEC", help="only these conditions")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--model", default="builtin:testbed", help="builtin:testbed (default) or builtin:testbed-smollm2")
     demo.set_defaults(handler=run_demo)
     sub.add_parser("models", help="list supported architectures").set_defaults(
         handler=lambda args: print(models_listing())
@@ -85,7 +86,7 @@ def print_generate(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from lvlm_steer.demo import run_demo as demo
 
-    demo(args.out, args.limit, args.method, progress=not args.no_progress)
+    demo(args.out, args.limit, args.method, progress=not args.no_progress, model=args.model)
 
 
 def methods_listing() -> str:

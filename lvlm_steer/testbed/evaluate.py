@@ -46,15 +46,19 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def first_tokens(model, processor, pairs: list[tuple[Path, str]], batch: int = 64) -> list[tuple[str, float]]:
-    """(first greedy token as text, logit(Yes) - logit(No)) per (image, prompt)."""
+def first_tokens(
+    model, processor, pairs: list[tuple[Path, str]], batch: int = 64, answer_tokens: tuple[str, str] = ("ĠYes", "ĠNo")
+) -> list[tuple[str, float]]:
+    """(first greedy token as text, logit(Yes) - logit(No)) per (image, prompt); ``answer_tokens`` are the vocabulary's
+    yes/no tokens (the SmolLM2 testbed answers "Yes" without a leading space)."""
     tok = processor.tokenizer
-    yes, no = tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")
+    yes, no = tok.convert_tokens_to_ids(answer_tokens[0]), tok.convert_tokens_to_ids(answer_tokens[1])
     out = []
     for chunk in _batches(pairs, batch):
         images = [[Image.open(p).convert("RGB")] for p, _ in chunk]
         texts = [chat_text(processor, q) for _, q in chunk]
-        logits = model(**processor(images=images, text=texts, padding=True, return_tensors="pt")).logits[:, -1]
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         words = tok.batch_decode(logits.argmax(-1)[:, None], skip_special_tokens=True)
         out += [(w.strip(), (lg[yes] - lg[no]).item()) for w, lg in zip(words, logits, strict=True)]
     return out
@@ -90,12 +94,14 @@ def partner_false_yes(questions: list[PopeQuestion], preds: list[str], present: 
             "other_false_yes": counts["other"][1] / max(1, counts["other"][0])}  # fmt: skip
 
 
-def pope_numbers(model, processor, data: dict[str, Path], n_images: int, out: Path) -> dict[str, Any]:
+def pope_numbers(
+    model, processor, data: dict[str, Path], n_images: int, out: Path, answer_tokens: tuple[str, str] = ("ĠYes", "ĠNo")
+) -> dict[str, Any]:
     questions = build_pope(data["instances"], n_images=n_images, seed=0, out_dir=out / "pope")
     present = present_by_image(data["instances"])
     unique = sorted({(q.image, q.text) for qs in questions.values() for q in qs})
     pairs = [(data["images_dir"] / img, f"{text} {DEFAULT_PROMPT_SUFFIX}") for img, text in unique]
-    answers = dict(zip(unique, first_tokens(model, processor, pairs), strict=True))
+    answers = dict(zip(unique, first_tokens(model, processor, pairs, answer_tokens=answer_tokens), strict=True))
     result: dict[str, Any] = {}
     margins: dict[str, list[float]] = defaultdict(list)
     for split, qs in questions.items():
