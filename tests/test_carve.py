@@ -309,9 +309,12 @@ def test_bad_settings_and_inputs():
         with pytest.raises(ls.SteeringError, match="2 images for 1 questions"):
             steered.generate(images=_images(), questions=[QUESTION], max_new_tokens=1)
     text_only = dict(processor(text=["no image here"], return_tensors="pt"))
-    steered = ls.steer(model, ls.CARVE(layers=(1, 2)), processor=processor)
-    with pytest.raises(ls.MissingImagesError, match="image tokens"):
-        logits(model, text_only)
+    carve = ls.CARVE(layers=(1, 2))
+    steered = ls.steer(model, carve, processor=processor)
+    with pytest.raises(ls.SteeringError, match=r"steered\.generate\("):
+        logits(model, text_only)  # a plain forward is refused first (it would skip the refinement)
+    with carve._own_forwards(), pytest.raises(ls.MissingImagesError, match="image tokens"):
+        logits(model, text_only)  # CARVE's own forwards still need image tokens in every row
     assert not steered.active and our_hooks(model) == hooks
 
 
