@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from lvlm_steer.registry import register_method
 
 __all__ = ["CARVE", "Attention", "default_layers", "tile_boxes"]
 
-log = logging.getLogger(__name__)
 
 GENERAL_PROMPT = "Write a general description of the image."
 FINAL_MODES = ("auto", "both", "refined")
@@ -122,7 +120,6 @@ class CARVE(Method):
         self._runner: CaptureRunner | None = None
         self._general: OrderedDict[tuple, Attention] = OrderedDict()
         self._running = 0  # > 0 inside refine/generate: the forwards are CARVE's own
-        self._warned = False
         self.last_refined: list[Refined] = []
         self.last_seconds: dict[str, float] = {}  # where the last generate spent its time: refine, answer
 
@@ -147,14 +144,10 @@ class CARVE(Method):
         self._runner = CaptureRunner(steering, self.layer_range(steering.info), self.max_steps)
         return [self._runner.subscription]
 
-    def prepare(self, steering, forward_kwargs: dict[str, Any]) -> None:
-        if not self._running and not self._warned:
-            self._warned = True
-            log.warning(
-                "carve changes the image, which a plain model(...) / model.generate(...) call cannot do: that call "
-                "runs the model unchanged. Use steering.generate(**inputs, images=[...], questions=[...]) or "
-                "carve.refine(steering, image, question)."
-            )
+    def needs_steered_generate(self) -> bool:
+        """A plain ``model(...)`` / ``model.generate`` would run on the unrefined image: refused (the core's error
+        names ``steered.generate``); CARVE's own forwards (`refine`, `capture`, the final pass) are allowed."""
+        return not self._running
 
     @contextlib.contextmanager
     def _own_forwards(self):

@@ -80,6 +80,14 @@ class PAI(Method):
             return rows.transpose(1, 2).to(call.query.dtype)
         return replace_rows(call.base(), last, rows)
 
+    def drives_generation(self) -> bool:
+        """Only the CFG contrast runs its own loop; without it PAI is an attention edit that composes freely."""
+        return self.cfg
+
+    def needs_steered_generate(self) -> bool:
+        """With ``cfg`` a plain ``model.generate`` would drop the text-only contrast: refuse it."""
+        return self.cfg
+
     def generate(self, steering, **inputs: Any) -> Any:
         if not self.cfg:
             return steering.model.generate(**inputs)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from lvlm_steer.errors import MethodConfigError
+from lvlm_steer.layer_sets import format_layer_set, parse_layer_set
 from lvlm_steer.method import Method
 from lvlm_steer.model_info import ModelInfo
 from lvlm_steer.registry import register_method
@@ -42,32 +43,13 @@ LAST_SHARE = 0.44  # paper: layer 1 plus the last 14 of 32 layers; other depths 
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """``"1+18-31"`` or ``"1,18-31"`` -> ``(1, 18, 19, ..., 31)``; ranges are inclusive."""
-    layers: set[int] = set()
-    for piece in text.replace("+", ",").replace(" ", "").split(","):
-        if not piece:
-            continue
-        first, dash, last = piece.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
-            raise ValueError(f"expected a layer or an inclusive range such as 1+18-31, got {piece!r}")
-        stop = int(last) if dash else int(first)
-        if stop < int(first):
-            raise ValueError(f"range {piece!r} runs backwards; write low-high")
-        layers.update(range(int(first), stop + 1))
-    return tuple(sorted(layers))
+    """``"1,18-31"`` -> ``(1, 18, 19, ..., 31)`` (the one layer-set grammar, `lvlm_steer.layer_sets`)."""
+    return parse_layer_set(text)
 
 
 def format_layers(layers: tuple[int, ...] | None) -> str:
-    """Inverse of `parse_layers`: consecutive layers become ranges (``1+18-31``); None is the paper's default."""
-    if layers is None:
-        return "1+last 44%"
-    runs: list[list[int]] = []
-    for layer in sorted(layers):
-        if runs and layer == runs[-1][1] + 1:
-            runs[-1][1] = layer
-        else:
-            runs.append([layer, layer])
-    return "+".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    """Inverse of `parse_layers` (``1,18-31``); None is the paper's default."""
+    return "1 and the last 44%" if layers is None else format_layer_set(layers)
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -110,7 +92,7 @@ class VHR(Method):
         metadata={
             "parse": parse_layers,
             "format": format_layers,
-            "help": "target layers, e.g. 1+18-31 (default: layer 1 plus the last 44% of layers)",
+            "help": "target layers, e.g. 1,18-31 (default: layer 1 plus the last 44% of layers)",
         },
     )
 
@@ -119,11 +101,14 @@ class VHR(Method):
             raise MethodConfigError(f"vhr: alpha must be a finite number > 0 (paper: 2, 1 = off), got {self.alpha}")
         if self.layers is not None:
             if isinstance(self.layers, str):
-                self.layers = parse_layers(self.layers)
+                try:
+                    self.layers = parse_layers(self.layers)
+                except ValueError as exc:
+                    raise MethodConfigError(f"vhr: {exc}") from exc
             self.layers = tuple(sorted({int(layer) for layer in self.layers}))
             if not self.layers:
                 raise MethodConfigError(
-                    "vhr: the target-layer set is empty; pass e.g. layers=1+18-31, or leave layers out for the "
+                    "vhr: the target-layer set is empty; pass e.g. layers=1,18-31, or leave layers out for the "
                     "paper's default (layer 1 plus the last 44% of layers)"
                 )
         self.gains: dict[int, torch.Tensor] = {}  # layer -> (B, H) gains chosen at the last prefill
@@ -140,7 +125,7 @@ class VHR(Method):
     def validate(self, info: ModelInfo) -> None:
         layers = self.target_layers(info)
         if not layers:
-            raise MethodConfigError("vhr: no target layers; pass e.g. layers=1+18-31, or leave layers out")
+            raise MethodConfigError("vhr: no target layers; pass e.g. layers=1,18-31, or leave layers out")
         bad = [layer for layer in layers if not 0 <= layer < info.num_layers]
         if bad:
             raise MethodConfigError(

@@ -166,9 +166,9 @@ class VisionReducer(Method):
         if image is not None and image is not self._issued:
             steering.remove()
             raise SteeringError(
-                f"{self.name} shortens the prompt, which model.generate cannot follow once it has started; call "
-                "generate on the handle instead: `with ls.steer(model, ...) as s: s.generate(**inputs)`. "
-                "The steering was removed."
+                f"{self.name} shortens the prompt, which plain model.generate cannot follow once it has started: "
+                "call steered.generate(**inputs, ...) on the handle that steer() returned "
+                "(`with ls.steer(model, ...) as steered: steered.generate(**inputs)`). The steering was removed."
             )
         return None
 

@@ -191,18 +191,19 @@ def test_captured_attention_equals_eager_probabilities(arch, paired):
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
-def test_reading_attention_leaves_the_model_unchanged(arch, caplog):
+def test_reading_attention_leaves_the_model_unchanged(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
     ref = logits(model, inputs)
     hooks = our_hooks(model)  # transformers' own output-recording hooks may be there already
-    with ls.steer(model, ls.CARVE(layers=(0, 2)), processor=processor):
-        with caplog.at_level("WARNING", logger="lvlm_steer.hooks.carve"):
+    carve = ls.CARVE(layers=(0, 2))
+    with ls.steer(model, carve, processor=processor):
+        with pytest.raises(ls.SteeringError, match=r"carve.*steered\.generate\(\*\*inputs"):
+            logits(model, inputs)  # a plain forward would run on the unrefined image: refused, not warned
+        with carve._own_forwards():  # CARVE's own forwards read attention through the capture subscription
             assert torch.equal(logits(model, inputs), ref)
             assert torch.equal(logits(model, inputs), ref)
     assert our_hooks(model) == hooks
-    warnings = [r.message for r in caplog.records if r.name == "lvlm_steer.hooks.carve"]
-    assert len(warnings) == 1 and "steering.generate(**inputs, images=" in warnings[0]
 
 
 # -- end to end ------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def _images():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_pipeline_refines_and_answers(arch, caplog):
+def test_pipeline_refines_and_answers(arch):
     model, processor = _model(arch)
     inputs = batch(processor)
     questions = ["What is in the image?", "Describe the colours and the shapes you can see here, please."]
@@ -239,7 +240,6 @@ def test_pipeline_refines_and_answers(arch, caplog):
     change = (torch.stack(out.logits) - torch.stack(base.logits)).abs().max()
     assert change > 1e-3, "answering on the refined image must change the scores"
     assert our_hooks(model) == hooks
-    assert not [r for r in caplog.records if r.name == "lvlm_steer.hooks.carve"]  # all forwards were CARVE's own
 
 
 def test_final_pass_modes_and_general_attention_cache():
@@ -309,9 +309,12 @@ def test_bad_settings_and_inputs():
         with pytest.raises(ls.SteeringError, match="2 images for 1 questions"):
             steered.generate(images=_images(), questions=[QUESTION], max_new_tokens=1)
     text_only = dict(processor(text=["no image here"], return_tensors="pt"))
-    steered = ls.steer(model, ls.CARVE(layers=(1, 2)), processor=processor)
-    with pytest.raises(ls.MissingImagesError, match="image tokens"):
-        logits(model, text_only)
+    carve = ls.CARVE(layers=(1, 2))
+    steered = ls.steer(model, carve, processor=processor)
+    with pytest.raises(ls.SteeringError, match=r"steered\.generate\("):
+        logits(model, text_only)  # a plain forward is refused first (it would skip the refinement)
+    with carve._own_forwards(), pytest.raises(ls.MissingImagesError, match="image tokens"):
+        logits(model, text_only)  # CARVE's own forwards still need image tokens in every row
     assert not steered.active and our_hooks(model) == hooks
 
 

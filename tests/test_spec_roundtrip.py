@@ -30,9 +30,7 @@ EXAMPLES: dict[str, list[dict]] = {
 }
 
 # methods whose field formatters live in files other helpers are rewriting: flips to a failure once fixed
-NOT_YET_PORTED = {
-    ("vhr", 1): "VHR formats layers with '+' (hooks/vhr.py format_layers); port it to lvlm_steer.layer_sets",
-}
+NOT_YET_PORTED: dict[tuple[str, int], str] = {}
 
 
 def _cases():

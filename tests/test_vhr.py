@@ -273,11 +273,14 @@ def test_outliers_are_zeroed_before_the_median_choice():
 def test_layers_spec_and_defaults():
     assert default_layers(32) == (1, *range(18, 32))
     assert default_layers(30) == (1, *range(17, 30))
-    assert parse_layers("1+18-31") == parse_layers("1,18-31") == (1, *range(18, 32))
-    vhr = ls.parse_spec("vhr:alpha=2,layers=1+18-31")
+    assert parse_layers("1,18-31") == (1, *range(18, 32))
+    vhr = ls.parse_spec("vhr:alpha=2,layers=1,18-31")
     assert vhr.layers == (1, *range(18, 32)) and vhr.alpha == 2.0
-    assert vhr.spec() == "vhr:layers=1+18-31"
-    assert ls.parse_spec("vhr:layers=1,18-31").layers == vhr.layers
+    assert vhr.spec() == "vhr:layers=1,18-31"  # never '+', which joins methods in eval
+    with pytest.raises(ls.MethodSpecError, match="commas, not '\\+'.*'1,18-31'"):
+        ls.parse_spec("vhr:layers=1+18-31")
+    with pytest.raises(MethodConfigError, match="commas"):
+        ls.VHR(layers="1+18-31")
     assert ls.parse_spec(vhr.spec()) == vhr
     assert ls.VHR.from_dict(vhr.to_dict()).layers == vhr.layers
 

@@ -269,7 +269,7 @@ def test_plain_model_generate_is_refused_with_the_fix():
     inputs = batch(processor)
     hooks = our_hooks(model)
     steered = ls.steer(model, ls.VTCCLS(keep=4, start_layer=0))
-    with pytest.raises(ls.SteeringError, match=r"s\.generate"), torch.no_grad():
+    with pytest.raises(ls.SteeringError, match=r"steered\.generate\(\*\*inputs"), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2)
     assert not steered.active and our_hooks(model) == hooks
 
