@@ -5,6 +5,10 @@ with ls.steer(model, ls.AblateHeads({14: [3, 5]}), processor=proc) as steered:
     out = model.generate(**inputs, max_new_tokens=64)
 """
 
+from lvlm_steer.checkout_path import drop_checkout_root
+
+drop_checkout_root()  # before transformers is imported: the checkout's kernels/ must not pass for the Hub `kernels`
+
 from lvlm_steer.adapters import Adapter, ImageTile, adapter_for, register_adapter, supported_architectures
 from lvlm_steer.context import ForwardContext
 from lvlm_steer.errors import (
